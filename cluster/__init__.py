@@ -1,0 +1,1 @@
+"""rankstream cluster."""

@@ -1,0 +1,95 @@
+"""Per-field embedding vectors and linear weights, kept apart from the interaction
+models (torchrec's split): every model asks this layer for the field matrix V."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from model_zoo.batch import Bag, FeatureBatch
+from model_zoo.schema import FeatureSchema
+
+
+@dataclass(frozen=True)
+class Embedded:
+    vectors: Tensor  # (B, F, k): one vector per covered field, in batch.fields order
+    linear: Tensor  # (B,): sum of the covered features' linear weights
+    row_sq_norm: Tensor  # scalar: sum of squared norms of every looked-up row (L2 on looked-up rows)
+
+
+class FieldEmbedding(nn.Module):
+    """One table over every field's vocabulary (rows offset per field) for vectors and
+    one for linear weights. Multi-valued fields give the weighted average of their
+    values' vectors (and linear weights)."""
+
+    def __init__(self, schema: FeatureSchema, dim: int, sparse: bool = False, init_std: float = 0.1):
+        super().__init__()
+        self.schema = schema
+        self.dim = dim
+        self.vectors = nn.Embedding(schema.total_vocab, dim, sparse=sparse)
+        self.linear = nn.Embedding(schema.total_vocab, 1, sparse=sparse)
+        nn.init.normal_(self.vectors.weight, std=init_std)
+        nn.init.zeros_(self.linear.weight)
+        self.register_buffer("offsets", torch.as_tensor(schema.offsets, dtype=torch.int64), persistent=False)
+        self._layouts: dict[tuple, tuple[Tensor, Tensor, Tensor | None]] = {}
+
+    def field_index(self, names: tuple[str, ...]) -> Tensor:
+        """Schema positions of ``names`` as a tensor on this module's device."""
+        return self._layout(names, names)[0]
+
+    def _layout(self, fields: tuple[str, ...], single_fields: tuple[str, ...]) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(schema positions of fields, offsets of single fields, permutation from
+        [singles, bags] order to fields order or None when they coincide)."""
+        key = (fields, single_fields, self.offsets.device)
+        layout = self._layouts.get(key)
+        if layout is None:
+            index = self.schema.index
+            device = self.offsets.device
+            positions = torch.tensor([index[n] for n in fields], dtype=torch.int64, device=device)
+            single_offsets = self.offsets[torch.tensor([index[n] for n in single_fields], dtype=torch.int64, device=device)]
+            bag_fields = [n for n in fields if n not in single_fields]
+            stacked = list(single_fields) + bag_fields
+            permutation = None
+            if tuple(stacked) != fields:
+                permutation = torch.tensor([stacked.index(n) for n in fields], dtype=torch.int64, device=device)
+            layout = (positions, single_offsets, permutation)
+            self._layouts[key] = layout
+        return layout
+
+    def global_rows(self, batch: FeatureBatch) -> Tensor:
+        """(B, S) rows of the single-valued fields in the shared tables."""
+        _, single_offsets, _ = self._layout(batch.fields, batch.single_fields)
+        return batch.single + single_offsets
+
+    def bag_rows(self, name: str, bag: Bag) -> Tensor:
+        return bag.values + self.offsets[self.schema.index[name]]
+
+    def forward(self, batch: FeatureBatch) -> Embedded:
+        _, single_offsets, permutation = self._layout(batch.fields, batch.single_fields)
+        rows = batch.single + single_offsets
+        single_vectors = self.vectors(rows)  # (B, S, k)
+        linear = self.linear(rows).sum(dim=(1, 2))
+        row_sq_norm = single_vectors.pow(2).sum() if self.training else single_vectors.new_zeros(())
+        if not batch.bags:
+            return Embedded(single_vectors, linear, row_sq_norm)
+        bag_vectors = []
+        for name, bag in zip(batch.bag_fields, batch.bags):
+            bag_rows = self.bag_rows(name, bag)
+            weights = normalised_weights(bag)
+            values = self.vectors(bag_rows)  # (B, L, k)
+            bag_vectors.append((weights.unsqueeze(-1) * values).sum(dim=1))
+            linear = linear + (weights * self.linear(bag_rows).squeeze(-1)).sum(dim=1)
+            if self.training:
+                row_sq_norm = row_sq_norm + ((bag.weights > 0).unsqueeze(-1) * values.pow(2)).sum()
+        vectors = torch.cat([single_vectors, torch.stack(bag_vectors, dim=1)], dim=1)
+        if permutation is not None:
+            vectors = vectors[:, permutation]
+        return Embedded(vectors, linear, row_sq_norm)
+
+
+def normalised_weights(bag: Bag) -> Tensor:
+    """Weights summing to 1 per row (an all-padding row stays all zero)."""
+    total = bag.weights.sum(dim=1, keepdim=True)
+    return bag.weights / total.clamp_min(1e-12)

@@ -1,0 +1,1 @@
+"""The model zoo; ``registry.py`` builds any of them by name."""

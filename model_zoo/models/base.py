@@ -1,0 +1,113 @@
+"""The training and ranking contract every model follows.
+
+- ``forward(batch)`` scores full rows: logits for clicks, the rating for ratings.
+- ``encode_context(context_batch)`` runs once per request (the paper's Algorithm 1,
+  step 1) and ``score_items(state, item_batch)`` scores any number of items against
+  it; together they equal the forward on the joined rows.
+- Models whose score splits into context scalar + item scalar + <query, item vector>
+  also give ``catalog_item_terms``/``catalog_query`` so a static catalog can be
+  precomputed (see catalog.py).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from model_zoo.batch import FeatureBatch
+from model_zoo.embedding import Embedded, FieldEmbedding
+from model_zoo.schema import FeatureSchema
+
+
+@dataclass(frozen=True)
+class ContextState:
+    """What a model caches for A contexts; subclasses add their tensors."""
+
+    fields: tuple[str, ...]  # the context fields encoded
+    item_fields: tuple[str, ...]  # the fields items must bring: every other field
+
+
+class CTRModel(nn.Module, ABC):
+    kind: ClassVar[str]
+
+    def __init__(self, schema: FeatureSchema, dim: int, sparse: bool = False, init_std: float = 0.1):
+        super().__init__()
+        self.schema = schema
+        self.dim = dim
+        self.embedding = FieldEmbedding(schema, dim, sparse=sparse, init_std=init_std)
+        self.bias = nn.Parameter(torch.zeros(()))
+        self._cache: dict[Any, tuple[tuple, Any]] = {}
+
+    # -- full forward ----------------------------------------------------------
+    def forward(self, batch: FeatureBatch) -> Tensor:
+        return self.forward_embedded(batch, self.embedding(batch))
+
+    def forward_embedded(self, batch: FeatureBatch, embedded: Embedded) -> Tensor:
+        """The forward from already looked-up vectors (the training loop reuses them for L2)."""
+        positions = self.embedding.field_index(batch.fields)
+        return self.bias + embedded.linear + self.pairwise(embedded.vectors, positions)
+
+    @abstractmethod
+    def pairwise(self, vectors: Tensor, positions: Tensor) -> Tensor:
+        """(B,) pairwise-interaction term of field vectors (B, F, k) at schema positions."""
+
+    # -- ranking with a cached context -----------------------------------------
+    @abstractmethod
+    def encode_context(self, context: FeatureBatch) -> ContextState:
+        ...
+
+    @abstractmethod
+    def score_items(
+        self, state: ContextState, items: FeatureBatch, context_index: Tensor | None = None
+    ) -> Tensor:
+        """(N,) scores of item rows; item n is paired with context row context_index[n]
+        (default: every item with context row 0)."""
+
+    # -- catalog scoring ----------------------------------------------------------
+    def catalog_item_terms(self, items: FeatureBatch) -> tuple[Tensor, Tensor]:
+        """(N, D) item vectors and (N,) item scalars; see catalog.py."""
+        raise NotImplementedError(f"{self.kind} has no catalog decomposition")
+
+    def catalog_query(self, state: ContextState) -> tuple[Tensor, Tensor]:
+        """(A, D) query vectors and (A,) context scalars; see catalog.py."""
+        raise NotImplementedError(f"{self.kind} has no catalog decomposition")
+
+    # -- bookkeeping --------------------------------------------------------------
+    def hyperparameters(self) -> dict[str, Any]:
+        """Everything needed, with the schema, to rebuild this model (see registry.py)."""
+        return {"kind": self.kind, "dim": self.dim}
+
+    def item_fields_for(self, context_fields: tuple[str, ...]) -> tuple[str, ...]:
+        context = set(context_fields)
+        return tuple(n for n in self.schema.names if n not in context)
+
+    def check_items(self, state: ContextState, items: FeatureBatch) -> None:
+        if items.fields != state.item_fields:
+            raise ValueError(
+                f"items must carry exactly the non-context fields {list(state.item_fields)}, "
+                f"got {list(items.fields)}"
+            )
+
+    def cached(self, key: Any, build: Any) -> Any:
+        """Memoise a derived tensor until any parameter changes (in-place updates bump
+        a tensor's version counter, so a stale table is never served)."""
+        version = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        value = build()
+        self._cache[key] = (version, value)
+        return value
+
+
+def rows_for(context_index: Tensor | None, values: Tensor) -> Tensor:
+    """Per-item rows of per-context ``values`` (broadcast when there is one context)."""
+    if context_index is None:
+        if values.shape[0] != 1:
+            raise ValueError("several contexts encoded: pass context_index to pair items with them")
+        return values
+    return values[context_index]

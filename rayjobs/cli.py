@@ -1,0 +1,42 @@
+"""The ``rankstream`` command line. Each subcommand lives in its own module, which
+exposes ``register(subparsers)``; the parser it adds sets ``func`` to its handler."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# One module per subcommand group; the order is the order of `rankstream --help`.
+COMMAND_MODULES = [
+    "rayjobs.bench",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rankstream",
+        description="Distributed streaming CTR scoring with field-weighted factorization machines on Ray.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError, PermissionError) as error:
+        # Users get one clear line, not a traceback, for bad paths and bad arguments.
+        print(f"rankstream {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

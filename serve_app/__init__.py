@@ -1,0 +1,1 @@
+"""rankstream serve_app."""
