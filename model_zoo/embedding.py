@@ -45,18 +45,23 @@ class FieldEmbedding(nn.Module):
         key = (fields, single_fields, self.offsets.device)
         layout = self._layouts.get(key)
         if layout is None:
-            index = self.schema.index
-            device = self.offsets.device
-            positions = torch.tensor([index[n] for n in fields], dtype=torch.int64, device=device)
-            single_offsets = self.offsets[torch.tensor([index[n] for n in single_fields], dtype=torch.int64, device=device)]
-            bag_fields = [n for n in fields if n not in single_fields]
-            stacked = list(single_fields) + bag_fields
-            permutation = None
-            if tuple(stacked) != fields:
-                permutation = torch.tensor([stacked.index(n) for n in fields], dtype=torch.int64, device=device)
-            layout = (positions, single_offsets, permutation)
+            layout = self._build_layout(fields, single_fields)
             self._layouts[key] = layout
         return layout
+
+    @torch.inference_mode(False)
+    def _build_layout(self, fields: tuple[str, ...], single_fields: tuple[str, ...]) -> tuple[Tensor, Tensor, Tensor | None]:
+        # Normal (not inference) tensors: a layout first built while serving is reused in training.
+        index = self.schema.index
+        device = self.offsets.device
+        positions = torch.tensor([index[n] for n in fields], dtype=torch.int64, device=device)
+        single_offsets = self.offsets[torch.tensor([index[n] for n in single_fields], dtype=torch.int64, device=device)]
+        bag_fields = [n for n in fields if n not in single_fields]
+        stacked = list(single_fields) + bag_fields
+        permutation = None
+        if tuple(stacked) != fields:
+            permutation = torch.tensor([stacked.index(n) for n in fields], dtype=torch.int64, device=device)
+        return positions, single_offsets, permutation
 
     def global_rows(self, batch: FeatureBatch) -> Tensor:
         """(B, S) rows of the single-valued fields in the shared tables."""

@@ -95,11 +95,14 @@ class CTRModel(nn.Module, ABC):
     def cached(self, key: Any, build: Any) -> Any:
         """Memoise a derived tensor until any parameter changes (in-place updates bump
         a tensor's version counter, so a stale table is never served)."""
-        version = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        # Inference tensors cannot change outside inference mode and carry no version.
+        version = tuple((p.data_ptr(), 0 if p.is_inference() else p._version) for p in self.parameters())
         hit = self._cache.get(key)
         if hit is not None and hit[0] == version:
             return hit[1]
-        value = build()
+        # Built as normal tensors without autograd history, whatever mode the caller is in.
+        with torch.inference_mode(False), torch.no_grad():
+            value = build()
         self._cache[key] = (version, value)
         return value
 
@@ -111,3 +114,13 @@ def rows_for(context_index: Tensor | None, values: Tensor) -> Tensor:
             raise ValueError("several contexts encoded: pass context_index to pair items with them")
         return values
     return values[context_index]
+
+
+def paired_dot(vectors: Tensor, per_context: Tensor, context_index: Tensor | None) -> Tensor:
+    """(N,) <vectors[n], per_context[context_index[n]]>; one matrix–vector product when
+    every item shares context row 0."""
+    if context_index is None:
+        if per_context.shape[0] != 1:
+            raise ValueError("several contexts encoded: pass context_index to pair items with them")
+        return vectors @ per_context[0]
+    return (vectors * per_context[context_index]).sum(-1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model_zoo.batch import FeatureBatch
@@ -71,21 +72,44 @@ class FwFM(CTRModel):
         self, state: FwFMContext, items: FeatureBatch, context_index: Tensor | None = None
     ) -> Tensor:
         self.check_items(state, items)
-        vectors, item_scalar = self._item_terms(items)
-        cross = (vectors * rows_for(context_index, state.aggregate)).sum(dim=(1, 2))
-        return rows_for(context_index, state.scalar) + item_scalar + cross
+        active, item_block = self.cached(("plan", items.fields), lambda: self.scoring_plan(items.fields))
+        vectors = self._field_major_vectors(items, active)  # (F', N, k)
+        aggregate = state.aggregate[:, active]
+        if context_index is None:
+            aggregate = rows_for(None, aggregate)[0].unsqueeze(1)  # (F', 1, k), broadcast over items
+        else:
+            aggregate = aggregate[context_index].transpose(0, 1)
+        # c_j + ½ (R_II V)_j with R_II V as one GEMM, updated in place (no extra (F', N, k) copies).
+        weights = torch.mm(item_block, vectors.flatten(1)).view_as(vectors).mul_(0.5).add_(aggregate)
+        pairs = (vectors * weights).sum(-1).sum(0)  # two reductions: far faster than sum(dim=(0, 2))
+        return rows_for(context_index, state.scalar) + self._item_linear(items) + pairs
 
     def catalog_item_terms(self, items: FeatureBatch) -> tuple[Tensor, Tensor]:
-        vectors, item_scalar = self._item_terms(items)
-        return vectors.flatten(1), item_scalar
+        every_field, item_block = FwFM.scoring_plan(self, items.fields)
+        vectors = self._field_major_vectors(items, every_field)
+        pair_weights = torch.mm(item_block, vectors.flatten(1)).view_as(vectors)
+        item_scalar = self._item_linear(items) + 0.5 * (vectors * pair_weights).sum(-1).sum(0)
+        return vectors.transpose(0, 1).flatten(1), item_scalar
 
     def catalog_query(self, state: FwFMContext) -> tuple[Tensor, Tensor]:
         return state.aggregate.flatten(1), state.scalar
 
-    def _item_terms(self, items: FeatureBatch) -> tuple[Tensor, Tensor]:
-        """(N, |I|, k) item vectors and (N,) item linear + item–item pairs."""
-        embedded = self.embedding(items)
-        positions = self.embedding.field_index(items.fields)
-        item_block = self.interaction_matrix()[positions][:, positions]
-        item_pairs = 0.5 * (embedded.vectors * torch.matmul(item_block, embedded.vectors)).sum(dim=(1, 2))
-        return embedded.vectors, embedded.linear + item_pairs
+    def scoring_plan(self, item_fields: tuple[str, ...]) -> tuple[Tensor, Tensor]:
+        """Which item fields scoring needs (positions within the item batch) and the
+        item–item block of R among them. The full FwFM needs every field and all of R_II."""
+        positions = self.embedding.field_index(item_fields)
+        block = self.interaction_matrix().detach()[positions][:, positions]
+        return torch.arange(len(item_fields), device=block.device), block
+
+    def _field_major_vectors(self, items: FeatureBatch, active: Tensor) -> Tensor:
+        """(F', N, k) vectors of the ``active`` item fields, gathered field-major so that
+        R_II V is a single (F' × F') @ (F' × N·k) product."""
+        if items.bags:
+            return self.embedding(items).vectors[:, active].transpose(0, 1)
+        rows = self.embedding.global_rows(items)[:, active]
+        return self.embedding.vectors(rows.T)
+
+    def _item_linear(self, items: FeatureBatch) -> Tensor:
+        if items.bags:
+            return self.embedding(items).linear
+        return F.embedding_bag(self.embedding.global_rows(items), self.embedding.linear.weight, mode="sum").squeeze(1)

@@ -9,8 +9,8 @@ scalars; per item P = P_C + P_I with P_I = U_I V_I, so
     score = s_C + s_I + <e ⊙ P_C, P_I> + ½ Σ_r e_r ‖P_I,r‖²,
 where s_C = b + lin_C + ½(Σ_C d‖v‖² + Σ_r e_r‖P_C,r‖²) and s_I = lin_I + ½ Σ_I d‖v‖².
 Every term of P_I and s_I is a sum over the item's features, so per feature we
-precompute the row [U_f ⊗ v (ρk), lin + ½ d_f ‖v‖²] once and one fused
-``embedding_bag`` sum gives (P_I, s_I) per item. A multi-valued field's ‖v̄‖² is not
+precompute U_f ⊗ v (ρk) and lin + ½ d_f ‖v‖² once, and fused ``embedding_bag``
+sums give (P_I, s_I) per item. A multi-valued field's ‖v̄‖² is not
 a sum over its values, so that one term is computed directly.
 """
 
@@ -25,7 +25,7 @@ from torch import Tensor
 
 from model_zoo.batch import FeatureBatch
 from model_zoo.embedding import normalised_weights
-from model_zoo.models.base import ContextState, CTRModel, rows_for
+from model_zoo.models.base import ContextState, CTRModel, paired_dot, rows_for
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,10 @@ class LowRankContext(ContextState):
 
 @dataclass(frozen=True)
 class _ItemTables:
-    table: Tensor  # (rows, ρk + 1): [U_f ⊗ v, lin + ½ d_f ‖v‖² (single fields) or lin (bag fields)]
+    # Two tables, not one (rows, ρk + 1): a 48-float row is three whole cache lines,
+    # a 49-float one often four — the gather is memory-bound.
+    projection: Tensor  # (rows, ρk): U_f ⊗ v
+    scalar: Tensor  # (rows, 1): lin + ½ d_f ‖v‖² (single fields) or lin (bag fields)
     single_offsets: Tensor  # (S,) start of each single item field's rows in `table`
     bag_offsets: tuple[int, ...]  # start of each bag item field's rows in `table`
 
@@ -78,16 +81,15 @@ class LowRankInteractionModel(CTRModel):
         self.check_items(state, items)
         item_projection, item_scalar = self._item_terms(items)
         _, eigen = self.factors()
-        half_eigen = 0.5 * eigen.repeat_interleave(self.dim)
-        query = rows_for(context_index, state.query)
-        cross = (item_projection * (query + half_eigen * item_projection)).sum(-1)
-        return rows_for(context_index, state.scalar) + item_scalar + cross
+        # Matrix–vector products, not elementwise temporaries over (N, ρk).
+        quadratic = item_projection.square() @ (0.5 * eigen.repeat_interleave(self.dim))
+        cross = paired_dot(item_projection, state.query, context_index)
+        return rows_for(context_index, state.scalar) + item_scalar + quadratic + cross
 
     def catalog_item_terms(self, items: FeatureBatch) -> tuple[Tensor, Tensor]:
         item_projection, item_scalar = self._item_terms(items)
         _, eigen = self.factors()
-        half_eigen = 0.5 * eigen.repeat_interleave(self.dim)
-        return item_projection, item_scalar + (half_eigen * item_projection.pow(2)).sum(-1)
+        return item_projection, item_scalar + item_projection.square() @ (0.5 * eigen.repeat_interleave(self.dim))
 
     def catalog_query(self, state: LowRankContext) -> tuple[Tensor, Tensor]:
         return state.query, state.scalar
@@ -96,42 +98,47 @@ class LowRankInteractionModel(CTRModel):
     def _item_terms(self, items: FeatureBatch) -> tuple[Tensor, Tensor]:
         """(N, ρk) P_I and (N,) s_I."""
         tables = self.cached(("item_tables", items.fields, items.single_fields), lambda: self._build_tables(items))
-        width = tables.table.shape[1] - 1
         if items.single_fields:
-            summed = F.embedding_bag(items.single + tables.single_offsets, tables.table, mode="sum")
+            rows = items.single + tables.single_offsets
+            projection = F.embedding_bag(rows, tables.projection, mode="sum")
+            scalar = F.embedding_bag(rows, tables.scalar, mode="sum").squeeze(1)
         else:
-            summed = tables.table.new_zeros((len(items), width + 1))
+            projection = tables.projection.new_zeros((len(items), tables.projection.shape[1]))
+            scalar = tables.scalar.new_zeros(len(items))
         if items.bags:
             factors, eigen = self.factors()
             d = self.diagonal(factors, eigen)
             for name, bag, offset in zip(items.bag_fields, items.bags, tables.bag_offsets):
                 weights = normalised_weights(bag)
-                summed = summed + F.embedding_bag(
-                    bag.values + offset, tables.table, per_sample_weights=weights, mode="sum"
-                )
+                rows = bag.values + offset
+                projection = projection + F.embedding_bag(rows, tables.projection, per_sample_weights=weights, mode="sum")
+                scalar = scalar + F.embedding_bag(rows, tables.scalar, per_sample_weights=weights, mode="sum").squeeze(1)
                 mean_vector = (weights.unsqueeze(-1) * self.embedding.vectors(self.embedding.bag_rows(name, bag))).sum(1)
-                self_term = 0.5 * d[self.schema.index[name]] * mean_vector.pow(2).sum(-1)
-                summed = summed + F.pad(self_term.unsqueeze(1), (width, 0))
-        return summed[:, :width], summed[:, width]
+                scalar = scalar + 0.5 * d[self.schema.index[name]] * mean_vector.pow(2).sum(-1)
+        return projection, scalar
 
     def _build_tables(self, items: FeatureBatch) -> _ItemTables:
         factors, eigen = self.factors()
         d = self.diagonal(factors, eigen)
         vectors = self.embedding.vectors.weight
         linear = self.embedding.linear.weight.squeeze(1)
-        parts, starts, start = [], {}, 0
+        projections, scalars, starts, start = [], [], {}, 0
         for name in list(items.single_fields) + list(items.bag_fields):
             position = self.schema.index[name]
             lo = int(self.schema.offsets[position])
             hi = lo + self.schema.fields[position].vocab_size
             rows = vectors[lo:hi]
-            projection = torch.einsum("r,nk->nrk", factors[:, position], rows).flatten(1)
+            projections.append(torch.einsum("r,nk->nrk", factors[:, position], rows).flatten(1))
             scalar = linear[lo:hi]
             if name in items.single_fields:
                 scalar = scalar + 0.5 * d[position] * rows.pow(2).sum(-1)
-            parts.append(torch.cat([projection, scalar.unsqueeze(1)], dim=1))
+            scalars.append(scalar)
             starts[name] = start
             start += hi - lo
-        table = torch.cat(parts).detach().contiguous()
-        single_offsets = torch.tensor([starts[n] for n in items.single_fields], dtype=torch.int64, device=table.device)
-        return _ItemTables(table, single_offsets, tuple(starts[n] for n in items.bag_fields))
+        device = vectors.device
+        return _ItemTables(
+            projection=torch.cat(projections).detach().contiguous(),
+            scalar=torch.cat(scalars).detach().unsqueeze(1).contiguous(),
+            single_offsets=torch.tensor([starts[n] for n in items.single_fields], dtype=torch.int64, device=device),
+            bag_offsets=tuple(starts[n] for n in items.bag_fields),
+        )

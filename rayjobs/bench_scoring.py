@@ -1,0 +1,194 @@
+"""``rankstream bench scoring``: the paper's Figure 1 grid on one core.
+
+40 fields, k = 16, one auction = encode the context once + score N items (rows of
+item features); DPLR ranks 1–3 against the pruned FwFM with the same parameter count,
+the full FwFM and FM (all with cached contexts), plus DPLR in catalog mode (items
+precomputed at load time; per auction: encode the context + one matrix–vector product).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+from tqdm import tqdm
+
+from model_zoo.batch import FeatureBatch
+from model_zoo.catalog import ItemCatalog
+from model_zoo.models.base import CTRModel
+from model_zoo.models.pruned_fwfm import PrunedFwFM
+from model_zoo.registry import build_model
+from model_zoo.schema import FeatureSchema, FieldSpec, Role
+
+MODELS = ("dplr_fwfm", "dplr_catalog", "pruned_fwfm", "fwfm", "fm")
+RANKED = {"dplr_fwfm", "dplr_catalog", "pruned_fwfm"}
+
+
+class ScoringRecord(BaseModel):
+    model: str
+    items: int
+    context_fields: int
+    rank: int | None
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    repeats: int
+
+
+def grid_schema(num_fields: int, context_fields: int, vocab_size: int) -> FeatureSchema:
+    return FeatureSchema(
+        fields=tuple(
+            FieldSpec(name=f"f{i}", role=Role.context if i < context_fields else Role.item, vocab_size=vocab_size)
+            for i in range(num_fields)
+        )
+    )
+
+
+def make_model(kind: str, schema: FeatureSchema, dim: int, rank: int | None, seed: int) -> CTRModel:
+    torch.manual_seed(seed)
+    if kind in ("dplr_fwfm", "dplr_catalog"):
+        model = build_model(schema, "dplr_fwfm", dim, rank=rank)
+    elif kind == "pruned_fwfm":
+        full = build_model(schema, "fwfm", dim)
+        with torch.no_grad():
+            full.interaction_weights.normal_()  # a "trained" R with distinct magnitudes
+        model = PrunedFwFM.from_fwfm(full, rank)
+    else:
+        model = build_model(schema, kind, dim)
+    return model.eval()
+
+
+def random_rows(schema: FeatureSchema, names: tuple[str, ...], rows: int, rng: np.random.Generator) -> FeatureBatch:
+    columns = {n: rng.integers(0, schema.field(n).vocab_size, size=rows) for n in names}
+    return FeatureBatch.from_columns(schema, columns)
+
+
+def time_auction(run: Callable[[], object], warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - started) * 1000.0)
+    return times
+
+
+def bench_configuration(
+    kind: str, items: int, context_fields: int, rank: int | None, *,
+    num_fields: int, dim: int, vocab_size: int, warmup: int, repeats: int, seed: int,
+) -> ScoringRecord:
+    rng = np.random.default_rng(seed)
+    schema = grid_schema(num_fields, context_fields, vocab_size)
+    model = make_model(kind, schema, dim, rank, seed)
+    context = random_rows(schema, schema.context_fields, 1, rng)
+    item_rows = random_rows(schema, schema.item_fields, items, rng)
+    with torch.inference_mode():
+        if kind == "dplr_catalog":
+            catalog = ItemCatalog(model, list(range(items)), item_rows)
+
+            def run() -> object:
+                return catalog.score_all(model.encode_context(context))
+        else:
+
+            def run() -> object:
+                return model.score_items(model.encode_context(context), item_rows)
+
+        times = time_auction(run, warmup, repeats)
+    return ScoringRecord(
+        model=kind, items=items, context_fields=context_fields, rank=rank,
+        median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times), repeats=repeats,
+    )
+
+
+def run_grid(args: argparse.Namespace) -> list[ScoringRecord]:
+    torch.set_num_threads(1)  # the paper's setting: one core per scoring thread
+    configurations = [
+        (kind, items, context, rank if kind in RANKED else None)
+        for kind in args.models
+        for items in args.items
+        for context in args.context_fields
+        for rank in (args.ranks if kind in RANKED else [None])
+    ]
+    records = []
+    for kind, items, context, rank in tqdm(configurations, desc="scoring grid", unit="config"):
+        records.append(
+            bench_configuration(
+                kind, items, context, rank, num_fields=args.fields, dim=args.dim,
+                vocab_size=args.vocab_size, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
+            )
+        )
+    return records
+
+
+def plot(records: list[ScoringRecord], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    item_counts = sorted({r.items for r in records})
+    figure, axes = plt.subplots(1, len(item_counts), figsize=(6 * len(item_counts), 4.5), squeeze=False)
+    for axis, items in zip(axes[0], item_counts):
+        series: dict[str, list[ScoringRecord]] = {}
+        for record in records:
+            if record.items == items:
+                label = record.model if record.rank is None else f"{record.model} ρ={record.rank}"
+                series.setdefault(label, []).append(record)
+        for label, points in sorted(series.items()):
+            points.sort(key=lambda r: r.context_fields)
+            x = [p.context_fields for p in points]
+            axis.plot(x, [p.median_ms for p in points], marker="o", label=label)
+            axis.fill_between(x, [p.min_ms for p in points], [p.max_ms for p in points], alpha=0.15)
+        axis.set_yscale("log")
+        axis.set_title(f"{items} items per auction")
+        axis.set_xlabel("context fields (of 40)")
+        axis.set_ylabel("ms per auction (median, min–max band)")
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def handle(args: argparse.Namespace) -> int:
+    unknown = sorted(set(args.models) - set(MODELS))
+    if unknown:
+        raise ValueError(f"unknown models {unknown}; choose from {list(MODELS)}")
+    records = run_grid(args)
+    for r in records:
+        rank = "" if r.rank is None else f" rank {r.rank}"
+        print(
+            f"{r.model:13s}{rank:8s} items {r.items:6d} context {r.context_fields:3d}: "
+            f"median {r.median_ms:8.3f} ms (min {r.min_ms:.3f}, max {r.max_ms:.3f})"
+        )
+    json_path = Path(args.json)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps([r.model_dump() for r in records], indent=2) + "\n")
+    plot_path = json_path.with_suffix(".png")
+    plot(records, plot_path)
+    print(f"wrote {json_path} and {plot_path}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("scoring", help="per-auction scoring latency grid (the paper's Figure 1)")
+    parser.add_argument("--json", default="bench-results/scoring.json", help="output JSON (the plot goes beside it)")
+    parser.add_argument("--items", type=int, nargs="+", default=[5000, 10000])
+    parser.add_argument("--context-fields", type=int, nargs="+", default=[10, 15, 20, 25, 30])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), help=f"subset of {list(MODELS)}")
+    parser.add_argument("--fields", type=int, default=40)
+    parser.add_argument("--dim", type=int, default=16)
+    parser.add_argument("--vocab-size", type=int, default=10000, help="values per field")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=handle)

@@ -1,0 +1,40 @@
+import json
+import subprocess
+import sys
+
+from rayjobs.cli import main
+
+
+def test_help_lists_subcommands():
+    result = subprocess.run([sys.executable, "-m", "rayjobs.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "bench" in result.stdout
+
+
+def test_bench_scoring_writes_records_and_plot(tmp_path):
+    out = tmp_path / "scoring.json"
+    code = main([
+        "bench", "scoring", "--json", str(out), "--items", "200", "--context-fields", "3", "5",
+        "--ranks", "1", "2", "--fields", "8", "--dim", "4", "--vocab-size", "50",
+        "--warmup", "1", "--repeats", "3",
+    ])
+    assert code == 0
+    records = json.loads(out.read_text())
+    # dplr, catalog, pruned: 2 contexts x 2 ranks each; fwfm, fm: 2 contexts each
+    assert len(records) == 3 * 4 + 2 * 2
+    for record in records:
+        assert {"model", "items", "context_fields", "rank", "median_ms", "min_ms", "max_ms"} <= set(record)
+        assert record["min_ms"] <= record["median_ms"] <= record["max_ms"]
+    assert {r["model"] for r in records} == {"dplr_fwfm", "dplr_catalog", "pruned_fwfm", "fwfm", "fm"}
+    assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_bench_rejects_unknown_model(tmp_path, capsys):
+    code = main(["bench", "scoring", "--json", str(tmp_path / "x.json"), "--models", "nope"])
+    assert code == 2
+    assert "unknown models ['nope']" in capsys.readouterr().err
+
+
+def test_demo_trains_and_ranks(capsys):
+    assert main(["demo", "--rows", "8000", "--epochs", "1", "--items", "300"]) == 0
+    out = capsys.readouterr().out
+    assert "best validation AUC" in out and "top score matches: True" in out
