@@ -187,7 +187,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), help=f"subset of {list(MODELS)}")
     parser.add_argument("--fields", type=int, default=40)
     parser.add_argument("--dim", type=int, default=16)
-    parser.add_argument("--vocab-size", type=int, default=10000, help="values per field")
+    parser.add_argument("--vocab-size", type=int, default=1000, help="values per field (the item gather is memory-bound: it matters)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)

@@ -56,24 +56,21 @@ class LowRankInteractionModel(CTRModel):
     def pairwise(self, vectors: Tensor, positions: Tensor) -> Tensor:
         factors, eigen = self.factors()
         factors = factors[:, positions]
-        d = self.diagonal(factors, eigen)
-        projection = torch.einsum("rf,bfk->brk", factors, vectors)
-        return 0.5 * ((vectors.pow(2).sum(-1) * d).sum(-1) + (projection.pow(2).sum(-1) * eigen).sum(-1))
+        return self.pairwise_from(vectors, torch.matmul(factors, vectors), factors, eigen)
 
     # -- Algorithm 1 --------------------------------------------------------------
     def encode_context(self, context: FeatureBatch) -> LowRankContext:
         embedded = self.embedding(context)
         factors, eigen = self.factors()
         factors = factors[:, self.embedding.field_index(context.fields)]
-        projection = torch.einsum("rf,bfk->brk", factors, embedded.vectors)
-        scalar = (
-            self.bias
-            + embedded.linear
-            + 0.5 * (embedded.vectors.pow(2).sum(-1) * self.diagonal(factors, eigen)).sum(-1)
-            + 0.5 * (projection.pow(2).sum(-1) * eigen).sum(-1)
-        )
-        query = (eigen[:, None] * projection).flatten(1)
+        projection = torch.matmul(factors, embedded.vectors)  # P_C = U_C V_C: (A, ρ, k)
+        scalar = self.bias + embedded.linear + self.pairwise_from(embedded.vectors, projection, factors, eigen)
+        query = (eigen.unsqueeze(1) * projection).flatten(1)
         return LowRankContext(context.fields, self.item_fields_for(context.fields), query, scalar)
+
+    def pairwise_from(self, vectors: Tensor, projection: Tensor, factors: Tensor, eigen: Tensor) -> Tensor:
+        """½(Σ d_i‖v_i‖² + Σ_r e_r‖P_r‖²) given P = U V."""
+        return 0.5 * (vectors.square().sum(-1) @ self.diagonal(factors, eigen) + projection.square().sum(-1) @ eigen)
 
     def score_items(
         self, state: LowRankContext, items: FeatureBatch, context_index: Tensor | None = None
