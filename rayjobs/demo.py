@@ -20,7 +20,7 @@ from model_zoo.training import EpochReport, TrainConfig, fit_in_memory
 
 
 def handle(args: argparse.Namespace) -> int:
-    console = Console()
+    console = Console(soft_wrap=True)  # long report lines stay whole in logs and pipes
     torch.manual_seed(args.seed)
     planted = planted_model(PlantedConfig(structure="dplr", rank=args.rank, multi_fields=1, vocab_size=50, seed=args.seed))
     rng = np.random.default_rng(args.seed)
