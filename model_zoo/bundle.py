@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from model_zoo.models.base import CTRModel
+from model_zoo.models.base import RankingModel
 from model_zoo.registry import model_from_hyperparameters
 from model_zoo.schema import FeatureSchema
 from model_zoo.vocab import Vocabulary
@@ -44,7 +44,7 @@ def code_version() -> str:
 @dataclass(frozen=True)
 class Bundle:
     path: Path
-    model: CTRModel
+    model: RankingModel
     schema: FeatureSchema
     vocabulary: Vocabulary | None
     config: dict[str, Any]
@@ -62,7 +62,7 @@ class Bundle:
 
 def save_bundle(
     directory: str | Path,
-    model: CTRModel,
+    model: RankingModel,
     *,
     name: str | None = None,
     vocabulary_dir: str | Path | None = None,

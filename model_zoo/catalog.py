@@ -13,11 +13,11 @@ import torch
 from torch import Tensor
 
 from model_zoo.batch import FeatureBatch
-from model_zoo.models.base import ContextState, CTRModel
+from model_zoo.models.base import ContextState, RankingModel
 
 
 class ItemCatalog:
-    def __init__(self, model: CTRModel, item_ids: Sequence[object], items: FeatureBatch):
+    def __init__(self, model: RankingModel, item_ids: Sequence[object], items: FeatureBatch):
         if len(item_ids) != len(items):
             raise ValueError(f"{len(item_ids)} ids for {len(items)} item rows")
         self.model = model

@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model_zoo.models.base import CTRModel
+from model_zoo.models.base import RankingModel
+from model_zoo.models.multi_embedding import MultiEmbedding
+from model_zoo.schema import FeatureSchema
 
 
 def singular_values(table: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -31,12 +33,28 @@ def information_abundance(table: torch.Tensor | np.ndarray) -> float:
     return float(sigma.sum() / sigma[0])
 
 
-def field_information_abundance(model: CTRModel) -> dict[str, float]:
-    """IA of each field's rows of the model's embedding table."""
-    weights = model.embedding.vectors.weight
+def field_information_abundance(model: RankingModel) -> dict[str, float]:
+    """IA of each field's rows of the embedding table; for a multi-embedding model the
+    mean over its sets (``embedding_set_information_abundance`` gives each set)."""
+    tables = embedding_tables(model)
+    per_set = [_per_field(model.schema, table) for table in tables]
+    return {name: float(np.mean([values[name] for values in per_set])) for name in model.schema.names}
+
+
+def embedding_set_information_abundance(model: RankingModel) -> list[dict[str, float]]:
+    return [_per_field(model.schema, table) for table in embedding_tables(model)]
+
+
+def embedding_tables(model: RankingModel) -> list[torch.Tensor]:
+    if isinstance(model, MultiEmbedding):
+        return [m.embedding.vectors.weight for m in model.embedding_sets]
+    return [model.embedding.vectors.weight]
+
+
+def _per_field(schema: FeatureSchema, weights: torch.Tensor) -> dict[str, float]:
     result = {}
-    for position, spec in enumerate(model.schema.fields):
-        start = int(model.schema.offsets[position])
+    for position, spec in enumerate(schema.fields):
+        start = int(schema.offsets[position])
         result[spec.name] = information_abundance(weights[start : start + spec.vocab_size])
     return result
 

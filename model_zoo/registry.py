@@ -1,13 +1,17 @@
-"""Build any model of the zoo by name from its hyperparameters and the schema."""
+"""Build any model of the zoo by name from its hyperparameters and the schema.
+
+``me_<kind>`` is the multi-embedding version of ``<kind>`` with ``sets`` embedding sets.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from model_zoo.models.base import CTRModel
+from model_zoo.models.base import CTRModel, RankingModel
 from model_zoo.models.dplr_fwfm import DPLRFwFM
 from model_zoo.models.fm import FM
 from model_zoo.models.fwfm import FwFM
+from model_zoo.models.multi_embedding import MultiEmbedding
 from model_zoo.models.pruned_fwfm import PrunedFwFM
 from model_zoo.schema import FeatureSchema
 
@@ -17,18 +21,23 @@ MODELS: dict[str, type[CTRModel]] = {
     PrunedFwFM.kind: PrunedFwFM,
     DPLRFwFM.kind: DPLRFwFM,
 }
+MULTI_EMBEDDING_BASES = (FM.kind, FwFM.kind, DPLRFwFM.kind)
+KINDS = tuple(MODELS) + tuple(f"me_{kind}" for kind in MULTI_EMBEDDING_BASES)
 
 
-def build_model(schema: FeatureSchema, kind: str, dim: int, **options: Any) -> CTRModel:
-    """A fresh model; ``options`` are the model's own keyword arguments (rank, sparse, …)."""
+def build_model(schema: FeatureSchema, kind: str, dim: int, **options: Any) -> RankingModel:
+    """A fresh model; ``options`` are the model's own keyword arguments (rank, sparse, sets, …)."""
+    if kind.startswith("me_") and kind[3:] in MULTI_EMBEDDING_BASES:
+        sets = int(options.pop("sets", 2))
+        return MultiEmbedding([MODELS[kind[3:]](schema, dim, **options) for _ in range(sets)])
     try:
         model_class = MODELS[kind]
     except KeyError:
-        raise ValueError(f"unknown model {kind!r}; choose one of {sorted(MODELS)}") from None
+        raise ValueError(f"unknown model {kind!r}; choose one of {list(KINDS)}") from None
     return model_class(schema, dim, **options)
 
 
-def model_from_hyperparameters(schema: FeatureSchema, hyperparameters: dict[str, Any]) -> CTRModel:
+def model_from_hyperparameters(schema: FeatureSchema, hyperparameters: dict[str, Any]) -> RankingModel:
     """Inverse of ``model.hyperparameters()``."""
     options = dict(hyperparameters)
     return build_model(schema, options.pop("kind"), options.pop("dim"), **options)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from model_zoo.batch import FeatureBatch
 from model_zoo.metrics import primary_metric, task_metrics
-from model_zoo.models.base import CTRModel
+from model_zoo.models.base import RankingModel
 from model_zoo.schema import Task
 
 OptimizerName = Literal["adagrad", "sparse_adam", "adam", "sgd"]
@@ -75,7 +75,7 @@ def minibatches(batch: FeatureBatch, size: int, seed: int | None = None) -> Iter
 
 
 @torch.inference_mode()
-def predict(model: CTRModel, batches: Iterable[FeatureBatch]) -> tuple[np.ndarray, np.ndarray]:
+def predict(model: RankingModel, batches: Iterable[FeatureBatch]) -> tuple[np.ndarray, np.ndarray]:
     """(labels, outputs) over all batches."""
     was_training = model.training
     model.eval()
@@ -87,7 +87,7 @@ def predict(model: CTRModel, batches: Iterable[FeatureBatch]) -> tuple[np.ndarra
     return np.concatenate(labels), np.concatenate(outputs)
 
 
-def evaluate(model: CTRModel, batches: Iterable[FeatureBatch]) -> dict[str, float]:
+def evaluate(model: RankingModel, batches: Iterable[FeatureBatch]) -> dict[str, float]:
     labels, outputs = predict(model, batches)
     return task_metrics(model.schema.task, labels, outputs)
 
@@ -109,7 +109,7 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, model: CTRModel, config: TrainConfig):
+    def __init__(self, model: RankingModel, config: TrainConfig):
         self.model = model
         self.config = config
         self.optimizers = build_optimizers(model, config)
@@ -117,11 +117,10 @@ class Trainer:
         self.metric, self.higher_is_better = primary_metric(model.schema.task)
 
     def step(self, batch: FeatureBatch) -> Tensor:
-        embedded = self.model.embedding(batch)
-        outputs = self.model.forward_embedded(batch, embedded)
+        outputs, row_sq_norm = self.model.training_outputs(batch)
         loss = self.loss(outputs, batch.label)
         if self.config.l2 > 0:
-            loss = loss + self.config.l2 * embedded.row_sq_norm / len(batch)
+            loss = loss + self.config.l2 * row_sq_norm / len(batch)
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -178,7 +177,7 @@ class Trainer:
 
 
 def fit_in_memory(
-    model: CTRModel, config: TrainConfig, train: FeatureBatch, valid: FeatureBatch,
+    model: RankingModel, config: TrainConfig, train: FeatureBatch, valid: FeatureBatch,
     on_epoch: Callable[[EpochReport], None] | None = None,
 ) -> TrainResult:
     """Convenience for data that fits in memory (tests, experiments on samples)."""

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from model_zoo.batch import FeatureBatch
 from model_zoo.catalog import ItemCatalog
-from model_zoo.models.base import CTRModel
+from model_zoo.models.base import RankingModel
 from model_zoo.models.pruned_fwfm import PrunedFwFM
 from model_zoo.registry import build_model
 from model_zoo.runtime import retain_freed_memory
@@ -52,7 +52,7 @@ def grid_schema(num_fields: int, context_fields: int, vocab_size: int) -> Featur
     )
 
 
-def make_model(kind: str, schema: FeatureSchema, dim: int, rank: int | None, seed: int) -> CTRModel:
+def make_model(kind: str, schema: FeatureSchema, dim: int, rank: int | None, seed: int) -> RankingModel:
     torch.manual_seed(seed)
     if kind in ("dplr_fwfm", "dplr_catalog"):
         model = build_model(schema, "dplr_fwfm", dim, rank=rank)

@@ -12,7 +12,7 @@ from model_zoo.synthetic import PlantedConfig, planted_model
 from model_zoo.vocab import FieldVocabulary, Vocabulary
 
 
-@pytest.mark.parametrize("kind", ["fm", "fwfm", "pruned_fwfm", "dplr_fwfm"])
+@pytest.mark.parametrize("kind", ["fm", "fwfm", "pruned_fwfm", "dplr_fwfm", "me_dplr_fwfm"])
 def test_bundle_round_trip_gives_identical_scores(tmp_path, kind):
     planted = planted_model(PlantedConfig(multi_fields=1, vocab_size=20, seed=1))
     torch.manual_seed(0)
@@ -22,7 +22,7 @@ def test_bundle_round_trip_gives_identical_scores(tmp_path, kind):
             full.interaction_weights.normal_()
         model = PrunedFwFM.from_fwfm(full, 2)
     else:
-        model = build_model(planted.schema, kind, 8, **({"rank": 3} if kind == "dplr_fwfm" else {}))
+        model = build_model(planted.schema, kind, 8, **({"rank": 3} if kind.endswith("dplr_fwfm") else {}))
     vocab_dir = tmp_path / "vocab-src"
     Vocabulary([FieldVocabulary("c0", ["a", "b"])]).save(vocab_dir)
     save_bundle(tmp_path / "bundle", model, vocabulary_dir=vocab_dir, metrics={"valid": {"auc": 0.7}})

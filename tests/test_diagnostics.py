@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from model_zoo.diagnostics import (
+    embedding_set_information_abundance,
     field_information_abundance,
     information_abundance,
     plot_information_abundance,
@@ -45,3 +46,14 @@ def test_zero_table_and_per_field_values():
 def test_plot_is_written(tmp_path):
     plot_information_abundance({"single": {"a": 2.0, "b": 3.0}}, {"a": 10, "b": 5}, tmp_path / "ia.png")
     assert (tmp_path / "ia.png").stat().st_size > 5_000
+
+
+def test_multi_embedding_ia_per_set_and_mean():
+    schema = FeatureSchema(fields=(FieldSpec(name="a", role="context", vocab_size=40), FieldSpec(name="b", role="item", vocab_size=40)))
+    model = build_model(schema, "me_fm", 4, sets=2)
+    with torch.no_grad():
+        model.embedding_sets[0].embedding.vectors.weight[:] = torch.tensor(with_spectrum(80, [1.0, 0.0, 0.0, 0.0]), dtype=torch.float32)
+        model.embedding_sets[1].embedding.vectors.weight[:] = torch.tensor(with_spectrum(80, [1.0, 1.0, 1.0, 1.0]), dtype=torch.float32)
+    per_set = embedding_set_information_abundance(model)
+    assert per_set[0]["a"] == pytest.approx(1.0, abs=1e-3)
+    assert field_information_abundance(model)["a"] == pytest.approx((per_set[0]["a"] + per_set[1]["a"]) / 2)

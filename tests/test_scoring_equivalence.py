@@ -9,12 +9,12 @@ from hypothesis import strategies as st
 
 from model_zoo.batch import FeatureBatch, join_context_items
 from model_zoo.catalog import ItemCatalog
-from model_zoo.models.base import CTRModel
+from model_zoo.models.base import RankingModel
 from model_zoo.models.pruned_fwfm import PrunedFwFM
 from model_zoo.registry import build_model
 from model_zoo.schema import FeatureSchema, FieldSpec, Kind, Role
 
-KINDS = ["fm", "fwfm", "pruned_fwfm", "dplr_fwfm"]
+KINDS = ["fm", "fwfm", "pruned_fwfm", "dplr_fwfm", "me_fm", "me_fwfm", "me_dplr_fwfm"]
 
 
 @st.composite
@@ -49,7 +49,7 @@ def random_rows(schema: FeatureSchema, names, rows: int, rng: np.random.Generato
     return FeatureBatch.from_columns(schema, columns)
 
 
-def random_model(kind: str, schema: FeatureSchema, rank: int, seed: int) -> CTRModel:
+def random_model(kind: str, schema: FeatureSchema, rank: int, seed: int) -> RankingModel:
     torch.manual_seed(seed)
     dim = 4
     if kind == "pruned_fwfm":
@@ -57,12 +57,15 @@ def random_model(kind: str, schema: FeatureSchema, rank: int, seed: int) -> CTRM
         perturb(full)
         model = PrunedFwFM.from_fwfm(full, rank)
     else:
-        model = build_model(schema, kind, dim, **({"rank": rank} if kind == "dplr_fwfm" else {}))
+        options = {"rank": rank} if kind.endswith("dplr_fwfm") else {}
+        if kind.startswith("me_"):
+            options["sets"] = 1 + rank % 3
+        model = build_model(schema, kind, dim, **options)
         perturb(model)
     return model.eval()
 
 
-def perturb(model: CTRModel) -> None:
+def perturb(model: RankingModel) -> None:
     """Move every parameter off its initial value (nonzero linear weights, generic R, U, e)."""
     with torch.no_grad():
         for parameter in model.parameters():

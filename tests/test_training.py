@@ -32,7 +32,7 @@ def test_every_model_beats_the_constant_predictor():
     constant = constant_baseline(Task.binary, train.label.numpy(), valid.label.numpy())
     config = TrainConfig(epochs=3, batch_size=512, learning_rate=0.05)
     results = {}
-    for kind, options in [("fm", {}), ("fwfm", {}), ("dplr_fwfm", {"rank": 2})]:
+    for kind, options in [("fm", {}), ("fwfm", {}), ("dplr_fwfm", {"rank": 2}), ("me_dplr_fwfm", {"rank": 2, "sets": 2})]:
         torch.manual_seed(0)
         model = build_model(planted.schema, kind, 8, sparse=True, **options)
         fit_in_memory(model, config, train, valid)

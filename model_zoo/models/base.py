@@ -31,29 +31,24 @@ class ContextState:
     item_fields: tuple[str, ...]  # the fields items must bring: every other field
 
 
-class CTRModel(nn.Module, ABC):
-    kind: ClassVar[str]
+class RankingModel(nn.Module, ABC):
+    """The interface training and serving rely on."""
 
-    def __init__(self, schema: FeatureSchema, dim: int, sparse: bool = False, init_std: float = 0.1):
+    kind: ClassVar[str]
+    schema: FeatureSchema
+
+    def __init__(self, schema: FeatureSchema):
         super().__init__()
         self.schema = schema
-        self.dim = dim
-        self.embedding = FieldEmbedding(schema, dim, sparse=sparse, init_std=init_std)
-        self.bias = nn.Parameter(torch.zeros(()))
         self._cache: dict[Any, tuple[tuple, Any]] = {}
 
-    # -- full forward ----------------------------------------------------------
-    def forward(self, batch: FeatureBatch) -> Tensor:
-        return self.forward_embedded(batch, self.embedding(batch))
-
-    def forward_embedded(self, batch: FeatureBatch, embedded: Embedded) -> Tensor:
-        """The forward from already looked-up vectors (the training loop reuses them for L2)."""
-        positions = self.embedding.field_index(batch.fields)
-        return self.bias + embedded.linear + self.pairwise(embedded.vectors, positions)
-
     @abstractmethod
-    def pairwise(self, vectors: Tensor, positions: Tensor) -> Tensor:
-        """(B,) pairwise-interaction term of field vectors (B, F, k) at schema positions."""
+    def forward(self, batch: FeatureBatch) -> Tensor:
+        ...
+
+    def training_outputs(self, batch: FeatureBatch) -> tuple[Tensor, Tensor]:
+        """(outputs, sum of squared norms of the embedding rows looked up) for one step."""
+        raise NotImplementedError
 
     # -- ranking with a cached context -----------------------------------------
     @abstractmethod
@@ -77,9 +72,9 @@ class CTRModel(nn.Module, ABC):
         raise NotImplementedError(f"{self.kind} has no catalog decomposition")
 
     # -- bookkeeping --------------------------------------------------------------
+    @abstractmethod
     def hyperparameters(self) -> dict[str, Any]:
         """Everything needed, with the schema, to rebuild this model (see registry.py)."""
-        return {"kind": self.kind, "dim": self.dim}
 
     def item_fields_for(self, context_fields: tuple[str, ...]) -> tuple[str, ...]:
         context = set(context_fields)
@@ -105,6 +100,34 @@ class CTRModel(nn.Module, ABC):
             value = build()
         self._cache[key] = (version, value)
         return value
+
+
+class CTRModel(RankingModel):
+    """A single-embedding model: embeddings + linear weights + bias + a pairwise term."""
+
+    def __init__(self, schema: FeatureSchema, dim: int, sparse: bool = False, init_std: float = 0.1):
+        super().__init__(schema)
+        self.dim = dim
+        self.embedding = FieldEmbedding(schema, dim, sparse=sparse, init_std=init_std)
+        self.bias = nn.Parameter(torch.zeros(()))
+
+    def forward(self, batch: FeatureBatch) -> Tensor:
+        return self.forward_embedded(batch, self.embedding(batch))
+
+    def training_outputs(self, batch: FeatureBatch) -> tuple[Tensor, Tensor]:
+        embedded = self.embedding(batch)
+        return self.forward_embedded(batch, embedded), embedded.row_sq_norm
+
+    def forward_embedded(self, batch: FeatureBatch, embedded: Embedded) -> Tensor:
+        positions = self.embedding.field_index(batch.fields)
+        return self.bias + embedded.linear + self.pairwise(embedded.vectors, positions)
+
+    @abstractmethod
+    def pairwise(self, vectors: Tensor, positions: Tensor) -> Tensor:
+        """(B,) pairwise-interaction term of field vectors (B, F, k) at schema positions."""
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"kind": self.kind, "dim": self.dim}
 
 
 def rows_for(context_index: Tensor | None, values: Tensor) -> Tensor:
