@@ -10,6 +10,7 @@ import sys
 # One module per subcommand group; the order is the order of `rankstream --help`.
 COMMAND_MODULES = [
     "rayjobs.demo",
+    "rayjobs.cluster",
     "rayjobs.bench",
 ]
 
