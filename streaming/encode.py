@@ -1,0 +1,307 @@
+"""Auctions -> FeatureBatch: raw values mapped through the model's vocabulary.
+
+Rules (docs/protocol.md):
+- A context key must be one of the schema's context fields and an item key one of
+  its item fields, else ``unknown_field``.
+- A field absent from a context or an item is a missing value: index 0, the index
+  training gave missing values (``missing="error"`` makes it ``missing_field``).
+- Single-valued fields take a string, integer or float (nil = missing; booleans are
+  the integers 0/1, as in Python). Multi-valued fields also take an array of such
+  values (equal weights) or a map {string value: weight > 0}; nil, [] and {} are missing.
+- Unseen values map to the field's rare index 1.
+
+Speed: columns are cut out of the feature maps with ``operator.itemgetter`` and
+mapped through a per-field dict of values already seen, so a batch costs a few
+C-level passes per field; only values not seen before, multi-valued fields and bad
+messages take the Python path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from itertools import chain
+from operator import itemgetter
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from model_zoo.batch import Bag, FeatureBatch
+from model_zoo.schema import MISSING_INDEX, RESERVED_INDICES, FeatureSchema, Kind
+from model_zoo.vocab import FieldVocabulary, Vocabulary
+from streaming.protocol import DEFAULT_LIMITS, Auction, ItemId, ProtocolError, ProtocolLimits, Reason
+
+MissingPolicy = Literal["missing_index", "error"]
+_MAX_CACHED_VALUES = 1 << 16  # per field; the cache is cleared when full (bounded memory under unseen-value floods)
+
+
+def identity_vocabulary(schema: FeatureSchema) -> Vocabulary:
+    """Raw value j maps to index j (2 <= j < vocab size): for models trained on index
+    data without a vocabulary, such as the planted synthetic data."""
+    return Vocabulary(
+        FieldVocabulary(f.name, [str(j) for j in range(RESERVED_INDICES, f.vocab_size)]) for f in schema.fields
+    )
+
+
+class _FieldMapper:
+    """Raw value -> index for one field, remembering the values it has seen."""
+
+    __slots__ = ("name", "vocabulary", "limits", "cache")
+
+    def __init__(self, name: str, vocabulary: FieldVocabulary, limits: ProtocolLimits) -> None:
+        self.name = name
+        self.vocabulary = vocabulary
+        self.limits = limits
+        self.cache: dict[Any, int] = {}
+
+    def column(self, values: Sequence[Any]) -> np.ndarray:
+        """Indices of a column of single values."""
+        try:
+            return np.fromiter(map(self.cache.__getitem__, values), dtype=np.int64, count=len(values))
+        except (KeyError, TypeError):  # an unseen value, or a non-scalar: the checking path
+            return np.fromiter(map(self.index, values), dtype=np.int64, count=len(values))
+
+    def index(self, value: Any) -> int:
+        try:
+            return self.cache[value]
+        except KeyError:
+            return self._admit(value)
+        except TypeError:  # unhashable: an array or a map
+            raise ProtocolError(Reason.wrong_type, f"field {self.name!r} takes one value, got {_kind_of(value)}") from None
+
+    def bag(self, value: Any) -> tuple[list[int], list[float]]:
+        """(indices, weights) of one multi-valued field value."""
+        kind = type(value)
+        if kind is list:
+            if not value:
+                return [MISSING_INDEX], [1.0]
+            self._check_bag_length(len(value))
+            return [self.index(v) for v in value], [1.0] * len(value)
+        if kind is dict:
+            if not value:
+                return [MISSING_INDEX], [1.0]
+            self._check_bag_length(len(value))
+            weights = list(value.values())
+            for weight in weights:
+                if type(weight) not in (int, float):
+                    raise ProtocolError(Reason.wrong_type, f"field {self.name!r}: weight {weight!r} is not a number")
+                if not math.isfinite(weight):
+                    raise ProtocolError(Reason.non_finite, f"field {self.name!r}: weight {weight} is not finite")
+                if weight <= 0:
+                    raise ProtocolError(Reason.invalid_value, f"field {self.name!r}: weight {weight} is not positive")
+            return [self.index(v) for v in value], [float(w) for w in weights]
+        return [self.index(value)], [1.0]
+
+    def _check_bag_length(self, length: int) -> None:
+        if length > self.limits.max_bag_values:
+            raise ProtocolError(
+                Reason.too_many_values, f"field {self.name!r} has {length} values, limit {self.limits.max_bag_values}"
+            )
+
+    def _admit(self, value: Any) -> int:
+        kind = type(value)
+        if kind is str:
+            if len(value) > self.limits.max_value_length:
+                raise ProtocolError(
+                    Reason.invalid_value, f"field {self.name!r}: value longer than {self.limits.max_value_length} characters"
+                )
+        elif kind is float:
+            if not math.isfinite(value):
+                raise ProtocolError(Reason.non_finite, f"field {self.name!r}: value {value} is not finite")
+        elif kind is bool:
+            value = int(value)
+        elif kind is not int and value is not None:
+            raise ProtocolError(Reason.wrong_type, f"field {self.name!r}: {_kind_of(value)} is not a raw value")
+        try:
+            index = self.vocabulary.lookup_one(value)
+        except ValueError:  # a transform such as Criteo's log binning needs a number
+            raise ProtocolError(Reason.invalid_value, f"field {self.name!r}: {value!r} is not a number") from None
+        if len(self.cache) >= _MAX_CACHED_VALUES:
+            self.cache.clear()
+        self.cache[value] = index
+        return index
+
+
+class _Side:
+    """The context or the item side: its fields and how to cut their columns out."""
+
+    def __init__(self, label: str, schema: FeatureSchema, names: tuple[str, ...], mappers: dict[str, _FieldMapper]) -> None:
+        self.label = label
+        self.names = names
+        self.allowed = frozenset(names)
+        self.single = tuple(n for n in names if schema.field(n).kind == Kind.single)
+        self.multi = tuple(n for n in names if schema.field(n).kind == Kind.multi)
+        self.mappers = [mappers[n] for n in names]
+        # itemgetter of one key returns the value, of several a tuple: keep one shape.
+        getter = itemgetter(*names) if names else (lambda _: ())
+        self.get_row = getter if len(names) != 1 else (lambda m, g=getter: (g(m),))
+
+    def rows(self, maps: list[dict[str, Any]], missing: MissingPolicy) -> list[tuple[Any, ...]]:
+        """One tuple of raw values per map, in ``names`` order."""
+        width = len(self.names)
+        if set(map(len, maps)) <= {width}:
+            try:
+                return list(map(self.get_row, maps))  # every field present and nothing else
+            except KeyError:
+                pass
+        rows = []
+        for values in maps:
+            unknown = values.keys() - self.allowed
+            if unknown:
+                raise ProtocolError(Reason.unknown_field, f"{sorted(unknown)} are not {self.label} fields of this model")
+            if missing == "error" and len(values) < width:
+                absent = sorted(self.allowed - values.keys())
+                raise ProtocolError(Reason.missing_field, f"{self.label} fields {absent} are missing")
+            rows.append(tuple(values.get(n) for n in self.names))
+        return rows
+
+    def batch(self, rows: list[tuple[Any, ...]]) -> FeatureBatch:
+        count = len(rows)
+        columns = list(zip(*rows)) if rows else [()] * len(self.names)
+        by_name = dict(zip(self.names, zip(columns, self.mappers)))
+        single = np.empty((count, len(self.single)), dtype=np.int64)
+        for position, name in enumerate(self.single):
+            column, mapper = by_name[name]
+            single[:, position] = mapper.column(column)
+        bags = tuple(_bag([mapper.bag(v) for v in column]) for column, mapper in (by_name[n] for n in self.multi))
+        return FeatureBatch(self.names, self.single, torch.from_numpy(single), self.multi, bags)
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    """Many auctions ready for one scoring call.
+
+    Context row a belongs to ``auctions[a]``. Feature items of every non-catalog auction
+    are the rows of ``items``, paired with their context row by ``item_context_index``;
+    catalog items are catalog rows ``catalog_positions`` paired by ``catalog_context_index``.
+    """
+
+    auctions: list[Auction]  # accepted, in input order
+    context: FeatureBatch  # (A,) context fields
+    items: FeatureBatch  # (N,) item fields
+    item_context_index: Tensor  # (N,) int64
+    catalog_positions: Tensor  # (M,) int64
+    catalog_context_index: Tensor  # (M,) int64
+    spans: list[tuple[int, int]]  # per accepted auction: its rows in items, or in the catalog rows when is_catalog
+    errors: list[tuple[int, ProtocolError]]  # (position in the input, error) of the rejected auctions
+
+    def split_scores(self, item_scores: Tensor | None, catalog_scores: Tensor | None) -> list[Tensor]:
+        """Per accepted auction, its scores in item order, from the (N,) item scores and
+        the (M,) catalog scores."""
+        parts = []
+        for auction, (start, stop) in zip(self.auctions, self.spans):
+            scores = catalog_scores if auction.is_catalog else item_scores
+            if scores is None:
+                raise ValueError(f"no {'catalog' if auction.is_catalog else 'item'} scores given")
+            parts.append(scores[start:stop])
+        return parts
+
+
+class AuctionEncoder:
+    """Maps auctions to FeatureBatch for one model's schema and vocabulary."""
+
+    def __init__(
+        self,
+        schema: FeatureSchema,
+        vocabulary: Vocabulary | None = None,
+        *,
+        missing: MissingPolicy = "missing_index",
+        limits: ProtocolLimits = DEFAULT_LIMITS,
+    ) -> None:
+        vocabulary = vocabulary or identity_vocabulary(schema)
+        lacking = [n for n in schema.names if n not in vocabulary]
+        if lacking:
+            raise ValueError(f"the vocabulary has no entries for fields {lacking}")
+        too_big = [n for n in schema.names if vocabulary[n].size > schema.field(n).vocab_size]
+        if too_big:
+            raise ValueError(f"vocabularies of {too_big} are larger than the schema's vocab_size")
+        self.schema = schema
+        self.missing: MissingPolicy = missing
+        self.limits = limits
+        mappers = {n: _FieldMapper(n, vocabulary[n], limits) for n in schema.names}
+        self.context_side = _Side("context", schema, schema.context_fields, mappers)
+        self.item_side = _Side("item", schema, schema.item_fields, mappers)
+
+    def encode(self, auction: Auction) -> tuple[FeatureBatch, FeatureBatch]:
+        """(context batch of 1 row, item batch of one row per item) of a feature-item auction."""
+        if auction.item_features is None:
+            raise ValueError("a catalog auction has no item features; use encode_many with a catalog")
+        batch = self.encode_many([auction])
+        if batch.errors:
+            raise batch.errors[0][1]
+        return batch.context, batch.items
+
+    def encode_many(
+        self, auctions: Sequence[Auction], catalog: Mapping[ItemId, int] | None = None
+    ) -> EncodedBatch:
+        """Encode a batch; auctions that fail are reported in ``errors`` and left out.
+
+        ``catalog`` maps catalog item ids to catalog rows (``ItemCatalog.position``)."""
+        try:
+            return self._encode_all(list(auctions), catalog)
+        except ProtocolError:
+            pass
+        # Some auction is bad: find which, one at a time, then encode the others together.
+        good, errors = [], []
+        for position, auction in enumerate(auctions):
+            try:
+                self._encode_all([auction], catalog)
+                good.append(position)
+            except ProtocolError as error:
+                error.auction_id = auction.auction_id
+                errors.append((position, error))
+        return replace(self._encode_all([auctions[p] for p in good], catalog), errors=errors)
+
+    def _encode_all(self, auctions: list[Auction], catalog: Mapping[ItemId, int] | None) -> EncodedBatch:
+        context = self.context_side.batch(self.context_side.rows([a.context for a in auctions], self.missing))
+        featured = [(row, a) for row, a in enumerate(auctions) if a.item_features is not None]
+        item_maps = list(chain.from_iterable(a.item_features for _, a in featured))  # type: ignore[arg-type]
+        items = self.item_side.batch(self.item_side.rows(item_maps, self.missing))
+        item_context_index = _repeat_rows([row for row, _ in featured], [len(a) for _, a in featured])
+        cataloged = [(row, a) for row, a in enumerate(auctions) if a.item_features is None]
+        catalog_positions = _catalog_rows([a for _, a in cataloged], catalog)
+        catalog_context_index = _repeat_rows([row for row, _ in cataloged], [len(a) for _, a in cataloged])
+        spans, item_start, catalog_start = [], 0, 0
+        for auction in auctions:
+            if auction.is_catalog:
+                spans.append((catalog_start, catalog_start + len(auction)))
+                catalog_start += len(auction)
+            else:
+                spans.append((item_start, item_start + len(auction)))
+                item_start += len(auction)
+        return EncodedBatch(
+            auctions, context, items, item_context_index, catalog_positions, catalog_context_index, spans, []
+        )
+
+
+def _catalog_rows(auctions: list[Auction], catalog: Mapping[ItemId, int] | None) -> Tensor:
+    if not auctions:
+        return torch.zeros(0, dtype=torch.int64)
+    if catalog is None:
+        raise ProtocolError(Reason.catalog_unavailable, "catalog item ids were sent but this model has no item catalog")
+    ids = list(chain.from_iterable(a.item_ids for a in auctions))
+    try:
+        return torch.from_numpy(np.fromiter(map(catalog.__getitem__, ids), dtype=np.int64, count=len(ids)))
+    except KeyError as error:
+        raise ProtocolError(Reason.unknown_catalog_item, f"item {error.args[0]!r} is not in the catalog") from None
+
+
+def _repeat_rows(rows: list[int], counts: list[int]) -> Tensor:
+    return torch.from_numpy(np.repeat(np.asarray(rows, dtype=np.int64), np.asarray(counts, dtype=np.int64)))
+
+
+def _bag(pairs: list[tuple[list[int], list[float]]]) -> Bag:
+    length = max([len(values) for values, _ in pairs] + [1])
+    values = np.zeros((len(pairs), length), dtype=np.int64)
+    weights = np.zeros((len(pairs), length), dtype=np.float32)
+    for row, (indices, bag_weights) in enumerate(pairs):
+        values[row, : len(indices)] = indices
+        weights[row, : len(bag_weights)] = bag_weights
+    return Bag(torch.from_numpy(values), torch.from_numpy(weights))
+
+
+def _kind_of(value: Any) -> str:
+    return {dict: "a map", list: "an array", bytes: "binary"}.get(type(value), type(value).__name__)
