@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from model_zoo.batch import FeatureBatch
 from model_zoo.metrics import primary_metric, task_metrics
 from model_zoo.models.base import RankingModel
+from model_zoo.optim import FusedSparseAdagrad
 from model_zoo.schema import Task
 
 OptimizerName = Literal["adagrad", "sparse_adam", "adam", "sgd"]
@@ -46,6 +47,9 @@ def build_optimizers(model: nn.Module, config: TrainConfig) -> list[torch.optim.
     parameters = [p for p in model.parameters() if p.requires_grad]
     lr = config.learning_rate
     if config.optimizer == "adagrad":
+        # Same update; the fused one is ~2× faster on CPU tables but runs on the CPU only.
+        if all(p.device.type == "cpu" for p in parameters):
+            return [FusedSparseAdagrad(parameters, lr=lr)]
         return [torch.optim.Adagrad(parameters, lr=lr)]
     if config.optimizer == "sgd":
         return [torch.optim.SGD(parameters, lr=lr)]

@@ -126,7 +126,7 @@ class _FieldMapper:
 
 
 class _Side:
-    """The context or the item side: its fields and how to cut their columns out."""
+    """The context or the item side: its fields, and raw values -> per-field columns -> batch."""
 
     def __init__(self, label: str, schema: FeatureSchema, names: tuple[str, ...], mappers: dict[str, _FieldMapper]) -> None:
         self.label = label
@@ -134,39 +134,48 @@ class _Side:
         self.allowed = frozenset(names)
         self.single = tuple(n for n in names if schema.field(n).kind == Kind.single)
         self.multi = tuple(n for n in names if schema.field(n).kind == Kind.multi)
-        self.mappers = [mappers[n] for n in names]
+        self.mappers = dict(zip(names, (mappers[n] for n in names)))
         # itemgetter of one key returns the value, of several a tuple: keep one shape.
         getter = itemgetter(*names) if names else (lambda _: ())
         self.get_row = getter if len(names) != 1 else (lambda m, g=getter: (g(m),))
 
-    def rows(self, maps: list[dict[str, Any]], missing: MissingPolicy) -> list[tuple[Any, ...]]:
-        """One tuple of raw values per map, in ``names`` order."""
+    def columns_of_maps(self, maps: list[dict[str, Any]], missing: MissingPolicy) -> list[Sequence[Any]]:
+        """Per field (``names`` order), its values in the maps (one map per row)."""
         width = len(self.names)
+        rows = None
         if set(map(len, maps)) <= {width}:
             try:
-                return list(map(self.get_row, maps))  # every field present and nothing else
+                rows = list(map(self.get_row, maps))  # every field present and nothing else
             except KeyError:
                 pass
-        rows = []
-        for values in maps:
-            unknown = values.keys() - self.allowed
-            if unknown:
-                raise ProtocolError(Reason.unknown_field, f"{sorted(unknown)} are not {self.label} fields of this model")
-            if missing == "error" and len(values) < width:
-                absent = sorted(self.allowed - values.keys())
-                raise ProtocolError(Reason.missing_field, f"{self.label} fields {absent} are missing")
-            rows.append(tuple(values.get(n) for n in self.names))
-        return rows
+        if rows is None:
+            rows = [self._row(values, missing) for values in maps]
+        return list(zip(*rows)) if rows else [()] * width
 
-    def batch(self, rows: list[tuple[Any, ...]]) -> FeatureBatch:
-        count = len(rows)
-        columns = list(zip(*rows)) if rows else [()] * len(self.names)
-        by_name = dict(zip(self.names, zip(columns, self.mappers)))
+    def columns_of_columns(self, columns: dict[str, list[Any]], count: int, missing: MissingPolicy) -> list[Sequence[Any]]:
+        """Per field, its column in a columns-form auction (absent columns are all missing)."""
+        self._check_keys(columns, missing)
+        absent = [None] * count
+        return [columns.get(n, absent) for n in self.names]
+
+    def _row(self, values: dict[str, Any], missing: MissingPolicy) -> tuple[Any, ...]:
+        self._check_keys(values, missing)
+        return tuple(values.get(n) for n in self.names)
+
+    def _check_keys(self, values: dict[str, Any], missing: MissingPolicy) -> None:
+        unknown = values.keys() - self.allowed
+        if unknown:
+            raise ProtocolError(Reason.unknown_field, f"{sorted(unknown)} are not {self.label} fields of this model")
+        if missing == "error" and len(values) < len(self.names):
+            absent = sorted(self.allowed - values.keys())
+            raise ProtocolError(Reason.missing_field, f"{self.label} fields {absent} are missing")
+
+    def batch(self, columns: list[Sequence[Any]], count: int) -> FeatureBatch:
+        by_name = dict(zip(self.names, columns))
         single = np.empty((count, len(self.single)), dtype=np.int64)
         for position, name in enumerate(self.single):
-            column, mapper = by_name[name]
-            single[:, position] = mapper.column(column)
-        bags = tuple(_bag([mapper.bag(v) for v in column]) for column, mapper in (by_name[n] for n in self.multi))
+            single[:, position] = self.mappers[name].column(by_name[name])
+        bags = tuple(_bag([self.mappers[n].bag(v) for v in by_name[n]]) for n in self.multi)
         return FeatureBatch(self.names, self.single, torch.from_numpy(single), self.multi, bags)
 
 
@@ -227,7 +236,7 @@ class AuctionEncoder:
 
     def encode(self, auction: Auction) -> tuple[FeatureBatch, FeatureBatch]:
         """(context batch of 1 row, item batch of one row per item) of a feature-item auction."""
-        if auction.item_features is None:
+        if auction.is_catalog:
             raise ValueError("a catalog auction has no item features; use encode_many with a catalog")
         batch = self.encode_many([auction])
         if batch.errors:
@@ -256,12 +265,12 @@ class AuctionEncoder:
         return replace(self._encode_all([auctions[p] for p in good], catalog), errors=errors)
 
     def _encode_all(self, auctions: list[Auction], catalog: Mapping[ItemId, int] | None) -> EncodedBatch:
-        context = self.context_side.batch(self.context_side.rows([a.context for a in auctions], self.missing))
-        featured = [(row, a) for row, a in enumerate(auctions) if a.item_features is not None]
-        item_maps = list(chain.from_iterable(a.item_features for _, a in featured))  # type: ignore[arg-type]
-        items = self.item_side.batch(self.item_side.rows(item_maps, self.missing))
+        contexts = self.context_side.columns_of_maps([a.context for a in auctions], self.missing)
+        context = self.context_side.batch(contexts, len(auctions))
+        featured = [(row, a) for row, a in enumerate(auctions) if not a.is_catalog]
+        items = self._item_batch([a for _, a in featured])
         item_context_index = _repeat_rows([row for row, _ in featured], [len(a) for _, a in featured])
-        cataloged = [(row, a) for row, a in enumerate(auctions) if a.item_features is None]
+        cataloged = [(row, a) for row, a in enumerate(auctions) if a.is_catalog]
         catalog_positions = _catalog_rows([a for _, a in cataloged], catalog)
         catalog_context_index = _repeat_rows([row for row, _ in cataloged], [len(a) for _, a in cataloged])
         spans, item_start, catalog_start = [], 0, 0
@@ -275,6 +284,21 @@ class AuctionEncoder:
         return EncodedBatch(
             auctions, context, items, item_context_index, catalog_positions, catalog_context_index, spans, []
         )
+
+
+    def _item_batch(self, auctions: list[Auction]) -> FeatureBatch:
+        """Item rows of feature-item auctions, in auction order."""
+        side, parts = self.item_side, []
+        for auction in auctions:
+            if auction.item_features is not None:
+                parts.append(side.columns_of_maps(auction.item_features, self.missing))
+            else:
+                parts.append(side.columns_of_columns(auction.item_columns or {}, len(auction), self.missing))
+        if len(parts) == 1:
+            columns = parts[0]
+        else:
+            columns = [list(chain.from_iterable(p[f] for p in parts)) for f in range(len(side.names))]
+        return side.batch(columns, sum(len(a) for a in auctions))
 
 
 def _catalog_rows(auctions: list[Auction], catalog: Mapping[ItemId, int] | None) -> Tensor:
