@@ -124,3 +124,23 @@ def test_score_items_rejects_wrong_fields():
         model.score_items(state, FeatureBatch.from_columns(schema, {"i": [1]}))
     with pytest.raises(KeyError, match="unknown catalog items"):
         ItemCatalog(model, ["a"], FeatureBatch.from_columns(schema, {"i": [1], "j": [2]})).positions(["b"])
+
+
+def test_derived_tables_follow_parameter_and_mask_updates():
+    """Scoring caches (DPLR item tables, pruned plans) are rebuilt after any in-place
+    change: an optimizer step, a load_state_dict, a new pruning mask."""
+    schema = FeatureSchema(fields=tuple(FieldSpec(name=f"f{i}", role="context" if i < 2 else "item", vocab_size=6) for i in range(6)))
+    rng = np.random.default_rng(0)
+    context = random_rows(schema, schema.context_fields, 1, rng)
+    items = random_rows(schema, schema.item_fields, 9, rng)
+    for kind in ("dplr_fwfm", "pruned_fwfm"):
+        model = random_model(kind, schema, rank=2, seed=1)
+        with torch.no_grad():
+            model.score_items(model.encode_context(context), items)  # builds the caches
+            if kind == "pruned_fwfm":
+                model.kept.copy_(~model.kept)  # the mask alone: a buffer, not a parameter
+            else:
+                model.embedding.vectors.weight.mul_(1.5)  # as an optimizer step would
+            cached = model.score_items(model.encode_context(context), items)
+            expected = model(join_context_items(schema, context, items))
+        torch.testing.assert_close(cached, expected, rtol=1e-5, atol=1e-5)

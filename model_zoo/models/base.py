@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -88,10 +89,13 @@ class RankingModel(nn.Module, ABC):
             )
 
     def cached(self, key: Any, build: Any) -> Any:
-        """Memoise a derived tensor until any parameter changes (in-place updates bump
-        a tensor's version counter, so a stale table is never served)."""
+        """Memoise a derived tensor until any parameter or buffer changes (in-place
+        updates bump a tensor's version counter, so a stale table is never served)."""
         # Inference tensors cannot change outside inference mode and carry no version.
-        version = tuple((p.data_ptr(), 0 if p.is_inference() else p._version) for p in self.parameters())
+        version = tuple(
+            (t.data_ptr(), 0 if t.is_inference() else t._version)
+            for t in itertools.chain(self.parameters(), self.buffers())
+        )
         hit = self._cache.get(key)
         if hit is not None and hit[0] == version:
             return hit[1]
