@@ -24,14 +24,18 @@ class FieldEmbedding(nn.Module):
     one for linear weights. Multi-valued fields give the weighted average of their
     values' vectors (and linear weights)."""
 
-    def __init__(self, schema: FeatureSchema, dim: int, sparse: bool = False, init_std: float = 0.1):
+    def __init__(
+        self, schema: FeatureSchema, dim: int, sparse: bool = False, init_std: float = 0.1, with_linear: bool = True
+    ):
         super().__init__()
         self.schema = schema
         self.dim = dim
         self.vectors = nn.Embedding(schema.total_vocab, dim, sparse=sparse)
-        self.linear = nn.Embedding(schema.total_vocab, 1, sparse=sparse)
         nn.init.normal_(self.vectors.weight, std=init_std)
-        nn.init.zeros_(self.linear.weight)
+        # Models with several tables per feature (RaFM levels) keep linear weights in one.
+        self.linear = nn.Embedding(schema.total_vocab, 1, sparse=sparse) if with_linear else None
+        if self.linear is not None:
+            nn.init.zeros_(self.linear.weight)
         self.register_buffer("offsets", torch.as_tensor(schema.offsets, dtype=torch.int64), persistent=False)
         self._layouts: dict[tuple, tuple[Tensor, Tensor, Tensor | None]] = {}
 

@@ -7,19 +7,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from model_zoo.models.base import CTRModel, RankingModel
+from model_zoo.models.base import RankingModel
 from model_zoo.models.dplr_fwfm import DPLRFwFM
 from model_zoo.models.fm import FM
 from model_zoo.models.fwfm import FwFM
 from model_zoo.models.multi_embedding import MultiEmbedding
 from model_zoo.models.pruned_fwfm import PrunedFwFM
+from model_zoo.models.rafm import RaFM
 from model_zoo.schema import FeatureSchema
 
-MODELS: dict[str, type[CTRModel]] = {
+MODELS: dict[str, type[RankingModel]] = {
     FM.kind: FM,
     FwFM.kind: FwFM,
     PrunedFwFM.kind: PrunedFwFM,
     DPLRFwFM.kind: DPLRFwFM,
+    RaFM.kind: RaFM,
 }
 MULTI_EMBEDDING_BASES = (FM.kind, FwFM.kind, DPLRFwFM.kind)
 KINDS = tuple(MODELS) + tuple(f"me_{kind}" for kind in MULTI_EMBEDDING_BASES)

@@ -121,10 +121,10 @@ class Trainer:
         self.metric, self.higher_is_better = primary_metric(model.schema.task)
 
     def step(self, batch: FeatureBatch) -> Tensor:
-        outputs, row_sq_norm = self.model.training_outputs(batch)
-        loss = self.loss(outputs, batch.label)
+        step = self.model.training_outputs(batch)
+        loss = self.loss(step.outputs, batch.label) + step.auxiliary_loss
         if self.config.l2 > 0:
-            loss = loss + self.config.l2 * row_sq_norm / len(batch)
+            loss = loss + self.config.l2 * step.row_sq_norm / len(batch)
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()

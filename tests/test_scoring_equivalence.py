@@ -14,7 +14,8 @@ from model_zoo.models.pruned_fwfm import PrunedFwFM
 from model_zoo.registry import build_model
 from model_zoo.schema import FeatureSchema, FieldSpec, Kind, Role
 
-KINDS = ["fm", "fwfm", "pruned_fwfm", "dplr_fwfm", "me_fm", "me_fwfm", "me_dplr_fwfm"]
+CATALOG_KINDS = ["fm", "fwfm", "pruned_fwfm", "dplr_fwfm", "me_fm", "me_fwfm", "me_dplr_fwfm"]
+KINDS = CATALOG_KINDS + ["rafm"]
 
 
 @st.composite
@@ -56,6 +57,11 @@ def random_model(kind: str, schema: FeatureSchema, rank: int, seed: int) -> Rank
         full = build_model(schema, "fwfm", dim)
         perturb(full)
         model = PrunedFwFM.from_fwfm(full, rank)
+    elif kind == "rafm":
+        ranks = [2, 3, 4][: 1 + rank % 3]
+        model = build_model(schema, kind, ranks[-1], ranks=ranks, thresholds=[5, 50][: len(ranks) - 1])
+        perturb(model)
+        model.set_feature_counts(torch.randint(0, 80, (schema.total_vocab,)))  # features at every level
     else:
         options = {"rank": rank} if kind.endswith("dplr_fwfm") else {}
         if kind.startswith("me_"):
@@ -91,7 +97,7 @@ def test_cached_context_equals_full_forward(schema, kind, rank, seed):
 
 
 @settings(max_examples=40, deadline=None)
-@given(schema=schemas(), kind=st.sampled_from(KINDS), rank=st.integers(1, 5), seed=st.integers(0, 10_000))
+@given(schema=schemas(), kind=st.sampled_from(CATALOG_KINDS), rank=st.integers(1, 5), seed=st.integers(0, 10_000))
 def test_catalog_equals_full_forward(schema, kind, rank, seed):
     rng = np.random.default_rng(seed)
     model = random_model(kind, schema, rank, seed)

@@ -25,6 +25,13 @@ from model_zoo.schema import FeatureSchema
 
 
 @dataclass(frozen=True)
+class TrainingOutputs:
+    outputs: Tensor  # (B,) logits or ratings
+    row_sq_norm: Tensor  # sum of squared norms of the embedding rows looked up (for L2)
+    auxiliary_loss: Tensor | float = 0.0  # model-specific extra loss (e.g. RaFM's distillation)
+
+
+@dataclass(frozen=True)
 class ContextState:
     """What a model caches for A contexts; subclasses add their tensors."""
 
@@ -47,9 +54,9 @@ class RankingModel(nn.Module, ABC):
     def forward(self, batch: FeatureBatch) -> Tensor:
         ...
 
-    def training_outputs(self, batch: FeatureBatch) -> tuple[Tensor, Tensor]:
-        """(outputs, sum of squared norms of the embedding rows looked up) for one step."""
-        raise NotImplementedError
+    @abstractmethod
+    def training_outputs(self, batch: FeatureBatch) -> TrainingOutputs:
+        """Everything one training step needs from the model."""
 
     # -- ranking with a cached context -----------------------------------------
     @abstractmethod
@@ -118,9 +125,9 @@ class CTRModel(RankingModel):
     def forward(self, batch: FeatureBatch) -> Tensor:
         return self.forward_embedded(batch, self.embedding(batch))
 
-    def training_outputs(self, batch: FeatureBatch) -> tuple[Tensor, Tensor]:
+    def training_outputs(self, batch: FeatureBatch) -> TrainingOutputs:
         embedded = self.embedding(batch)
-        return self.forward_embedded(batch, embedded), embedded.row_sq_norm
+        return TrainingOutputs(self.forward_embedded(batch, embedded), embedded.row_sq_norm)
 
     def forward_embedded(self, batch: FeatureBatch, embedded: Embedded) -> Tensor:
         positions = self.embedding.field_index(batch.fields)

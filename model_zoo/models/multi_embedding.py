@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from model_zoo.batch import FeatureBatch
-from model_zoo.models.base import ContextState, CTRModel, RankingModel
+from model_zoo.models.base import ContextState, CTRModel, RankingModel, TrainingOutputs
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,11 @@ class MultiEmbedding(RankingModel):
     def forward(self, batch: FeatureBatch) -> Tensor:
         return torch.stack([model(batch) for model in self.embedding_sets]).mean(0)
 
-    def training_outputs(self, batch: FeatureBatch) -> tuple[Tensor, Tensor]:
-        outputs, row_sq_norms = zip(*(model.training_outputs(batch) for model in self.embedding_sets))
-        return torch.stack(outputs).mean(0), torch.stack(row_sq_norms).sum()
+    def training_outputs(self, batch: FeatureBatch) -> TrainingOutputs:
+        per_set = [model.training_outputs(batch) for model in self.embedding_sets]
+        return TrainingOutputs(
+            torch.stack([o.outputs for o in per_set]).mean(0), torch.stack([o.row_sq_norm for o in per_set]).sum()
+        )
 
     def encode_context(self, context: FeatureBatch) -> MultiContext:
         states = tuple(model.encode_context(context) for model in self.embedding_sets)
