@@ -11,6 +11,8 @@ import sys
 COMMAND_MODULES = [
     "rayjobs.demo",
     "rayjobs.cluster",
+    "rayjobs.broker",
+    "rayjobs.produce",
     "rayjobs.bench",
 ]
 

@@ -59,10 +59,14 @@ class _FieldMapper:
 
     def column(self, values: Sequence[Any]) -> np.ndarray:
         """Indices of a column of single values."""
+        count = len(values)
+        if count == 0:
+            return np.zeros(0, dtype=np.int64)
         try:
-            return np.fromiter(map(self.cache.__getitem__, values), dtype=np.int64, count=len(values))
+            found = itemgetter(*values)(self.cache)  # every lookup in one C call
         except (KeyError, TypeError):  # an unseen value, or a non-scalar: the checking path
-            return np.fromiter(map(self.index, values), dtype=np.int64, count=len(values))
+            return np.fromiter(map(self.index, values), dtype=np.int64, count=count)
+        return np.fromiter(found if count > 1 else (found,), dtype=np.int64, count=count)
 
     def index(self, value: Any) -> int:
         try:
@@ -197,6 +201,20 @@ class EncodedBatch:
     spans: list[tuple[int, int]]  # per accepted auction: its rows in items, or in the catalog rows when is_catalog
     errors: list[tuple[int, ProtocolError]]  # (position in the input, error) of the rejected auctions
 
+    def context_keys(self) -> list[bytes]:
+        """Per context row, bytes that are equal exactly when two contexts encode alike
+        (whatever the batch's bag padding): keys for a cache of context states."""
+        single = self.context.single.numpy()
+        bags = [(bag.values.numpy(), bag.weights.numpy()) for bag in self.context.bags]
+        keys = []
+        for row in range(len(self.auctions)):
+            key = single[row].tobytes()
+            for values, weights in bags:
+                used = weights[row] > 0
+                key += b"|" + values[row][used].tobytes() + weights[row][used].tobytes()
+            keys.append(key)
+        return keys
+
     def split_scores(self, item_scores: Tensor | None, catalog_scores: Tensor | None) -> list[Tensor]:
         """Per accepted auction, its scores in item order, from the (N,) item scores and
         the (M,) catalog scores."""
@@ -284,7 +302,6 @@ class AuctionEncoder:
         return EncodedBatch(
             auctions, context, items, item_context_index, catalog_positions, catalog_context_index, spans, []
         )
-
 
     def _item_batch(self, auctions: list[Auction]) -> FeatureBatch:
         """Item rows of feature-item auctions, in auction order."""

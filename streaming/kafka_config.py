@@ -1,0 +1,144 @@
+"""Kafka client settings shared by every producer, consumer and admin client, so the
+same code runs against the embedded broker and a real (SASL/SSL) Kafka cluster.
+
+``add_kafka_arguments`` gives every subcommand the same flags; without
+``--bootstrap-servers`` (or $RANKSTREAM_BOOTSTRAP_SERVERS) commands use the embedded
+broker that ``rankstream broker up`` started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+BOOTSTRAP_ENV = "RANKSTREAM_BOOTSTRAP_SERVERS"
+SASL_PASSWORD_ENV = "RANKSTREAM_KAFKA_SASL_PASSWORD"
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"]
+
+
+class TopicNames(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    auctions: str = "auctions"
+    scores: str = "scores"
+    dlq: str = "auctions.dlq"
+
+    def all(self) -> list[str]:
+        return [self.auctions, self.scores, self.dlq]
+
+
+class KafkaClientConfig(BaseModel):
+    """Connection and security settings, passed through to kafka-python clients."""
+
+    model_config = ConfigDict(frozen=True)
+
+    bootstrap_servers: str = Field(min_length=1, description="host:port[,host:port...]")
+    client_id: str = "rankstream"
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    sasl_mechanism: SaslMechanism | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_check_hostname: bool = True
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments common to KafkaProducer, KafkaConsumer and KafkaAdminClient."""
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+        }
+        if self.sasl_mechanism is not None:
+            kwargs["sasl_mechanism"] = self.sasl_mechanism
+        if self.sasl_plain_username is not None:
+            kwargs["sasl_plain_username"] = self.sasl_plain_username
+        if self.sasl_plain_password is not None:
+            kwargs["sasl_plain_password"] = self.sasl_plain_password.get_secret_value()
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            kwargs["ssl_check_hostname"] = self.ssl_check_hostname
+            for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+                value = getattr(self, key)
+                if value is not None:
+                    kwargs[key] = str(value)
+        return kwargs
+
+    def producer(self, **overrides: Any) -> Any:
+        from kafka import KafkaProducer
+
+        return KafkaProducer(**{**self.client_kwargs(), **overrides})
+
+    def consumer(self, **overrides: Any) -> Any:
+        from kafka import KafkaConsumer
+
+        return KafkaConsumer(**{**self.client_kwargs(), **overrides})
+
+    def admin(self, **overrides: Any) -> Any:
+        from kafka import KafkaAdminClient
+
+        return KafkaAdminClient(**{**self.client_kwargs(), **overrides})
+
+
+def add_kafka_arguments(parser: argparse.ArgumentParser, topics: bool = True) -> None:
+    """The client flags every Kafka-facing subcommand takes."""
+    group = parser.add_argument_group("Kafka client")
+    group.add_argument(
+        "--bootstrap-servers",
+        default=os.environ.get(BOOTSTRAP_ENV),
+        help=f"host:port list (default: ${BOOTSTRAP_ENV}, else the embedded broker of `rankstream broker up`)",
+    )
+    group.add_argument("--security-protocol", default="PLAINTEXT", choices=list(SecurityProtocol.__args__))  # type: ignore[attr-defined]
+    group.add_argument("--sasl-mechanism", default=None, choices=list(SaslMechanism.__args__))  # type: ignore[attr-defined]
+    group.add_argument("--sasl-plain-username", default=None)
+    group.add_argument(
+        "--sasl-plain-password",
+        default=os.environ.get(SASL_PASSWORD_ENV),
+        help=f"(default: ${SASL_PASSWORD_ENV}; prefer the variable to keep it out of shell history)",
+    )
+    group.add_argument("--ssl-cafile", type=Path, default=None)
+    group.add_argument("--ssl-certfile", type=Path, default=None)
+    group.add_argument("--ssl-keyfile", type=Path, default=None)
+    group.add_argument("--no-ssl-check-hostname", dest="ssl_check_hostname", action="store_false")
+    group.add_argument("--state-dir", type=Path, default=None, help="embedded broker state (default: ~/.rankstream)")
+    if topics:
+        defaults = TopicNames()
+        group.add_argument("--auctions-topic", default=defaults.auctions)
+        group.add_argument("--scores-topic", default=defaults.scores)
+        group.add_argument("--dlq-topic", default=defaults.dlq)
+
+
+def kafka_config_from_args(args: argparse.Namespace) -> KafkaClientConfig:
+    """The client config the flags describe; falls back to the running embedded broker."""
+    bootstrap = args.bootstrap_servers
+    if not bootstrap:
+        from streaming.broker import broker_status
+
+        state = broker_status(args.state_dir)
+        if state is None:
+            raise ValueError(
+                f"no --bootstrap-servers (or ${BOOTSTRAP_ENV}) and no embedded broker running; "
+                "start one with `rankstream broker up`"
+            )
+        bootstrap = state.bootstrap_servers
+    return KafkaClientConfig(
+        bootstrap_servers=bootstrap,
+        security_protocol=args.security_protocol,
+        sasl_mechanism=args.sasl_mechanism,
+        sasl_plain_username=args.sasl_plain_username,
+        sasl_plain_password=args.sasl_plain_password,
+        ssl_cafile=args.ssl_cafile,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+        ssl_check_hostname=args.ssl_check_hostname,
+    )
+
+
+def topic_names_from_args(args: argparse.Namespace) -> TopicNames:
+    return TopicNames(auctions=args.auctions_topic, scores=args.scores_topic, dlq=args.dlq_topic)

@@ -1,0 +1,262 @@
+"""Auctions -> FeatureBatch: equal to batches built by hand through the vocabulary,
+the same for every item form, batched with the right context pairing, and every bad
+value rejected with its exact reason."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model_zoo.batch import FeatureBatch, join_context_items
+from model_zoo.registry import build_model
+from model_zoo.schema import FeatureSchema, FieldSpec, Kind, Role
+from model_zoo.vocab import FieldVocabulary, Vocabulary
+from streaming.encode import AuctionEncoder, identity_vocabulary
+from streaming.protocol import ProtocolError, ProtocolLimits, Reason, decode_auction, encode_auction
+
+SCHEMA = FeatureSchema(
+    fields=(
+        FieldSpec(name="user", role=Role.context, vocab_size=6),
+        FieldSpec(name="hour", role=Role.context, vocab_size=5),
+        FieldSpec(name="tags", role=Role.context, kind=Kind.multi, vocab_size=5),
+        FieldSpec(name="advertiser", role=Role.item, vocab_size=5),
+        FieldSpec(name="genres", role=Role.item, kind=Kind.multi, vocab_size=6),
+        FieldSpec(name="price", role=Role.item, vocab_size=6),
+    )
+)
+VOCABULARY = Vocabulary(
+    [
+        FieldVocabulary("user", ["u1", "u2", "u3", "u4"]),
+        FieldVocabulary("hour", ["12", "13", "14"]),
+        FieldVocabulary("tags", ["sport", "news", "tech"]),
+        FieldVocabulary("advertiser", ["acme", "globex", "initech"]),
+        FieldVocabulary("genres", ["drama", "comedy", "noir", "sf"]),
+        FieldVocabulary("price", ["v1", "b2", "b4"], transform="log_square"),
+    ]
+)
+CONTEXT = {"user": "u3", "hour": 13, "tags": {"sport": 1.0, "tech": 3.0}}
+ITEMS = [
+    {"item_id": "ad-1", "features": {"advertiser": "acme", "genres": ["drama", "sf"], "price": 1}},
+    {"item_id": "ad-2", "features": {"advertiser": "unseen-co", "genres": "noir", "price": 8}},
+    {"item_id": "ad-3", "features": {"advertiser": None, "genres": [], "price": 30.0}},
+    {"item_id": "ad-4", "features": {"genres": {"comedy": 2, "drama": 0.5}}},  # advertiser, price absent
+]
+
+
+def as_columns(items: list[dict]) -> dict:
+    names = sorted({name for item in items for name in item["features"]})
+    return {
+        "item_id": [item["item_id"] for item in items],
+        "features": {n: [item["features"].get(n) for item in items] for n in names},
+    }
+
+
+def decoded(auction_id: str, context: dict, items: object, **options: object):
+    return decode_auction(encode_auction(auction_id, context, items, sent_at_ms=1, **options))
+
+
+def expected_context() -> FeatureBatch:
+    # user u3 -> 4; hour "13" -> 3; tags sport -> 2 (weight 1), tech -> 4 (weight 3)
+    return FeatureBatch.from_columns(
+        SCHEMA,
+        {
+            "user": VOCABULARY["user"].lookup(["u3"]),
+            "hour": VOCABULARY["hour"].lookup([13]),
+            "tags": (np.array([[2, 4]]), np.array([[1.0, 3.0]], dtype=np.float32)),
+        },
+    )
+
+
+def expected_items() -> FeatureBatch:
+    # price: 1 -> "v1" -> 2; 8 -> ln(8)^2 = 4.3 -> "b4" -> 4; 30 -> ln(30)^2 = 11.6 -> "b11" unseen -> 1; absent -> 0
+    return FeatureBatch.from_columns(
+        SCHEMA,
+        {
+            "advertiser": VOCABULARY["advertiser"].lookup(["acme", "unseen-co", None, None]),
+            "genres": (
+                np.array([[2, 5], [4, 0], [0, 0], [3, 2]]),
+                np.array([[1, 1], [1, 0], [1, 0], [2, 0.5]], dtype=np.float32),
+            ),
+            "price": np.array([2, 4, 1, 0]),
+        },
+    )
+
+
+def assert_batches_equal(actual: FeatureBatch, expected: FeatureBatch) -> None:
+    assert actual.fields == expected.fields
+    assert actual.single_fields == expected.single_fields
+    assert actual.bag_fields == expected.bag_fields
+    assert actual.single.dtype == torch.int64
+    assert torch.equal(actual.single, expected.single)
+    for got, want in zip(actual.bags, expected.bags):
+        assert torch.equal(got.values, want.values)
+        assert torch.equal(got.weights, want.weights)
+
+
+@pytest.fixture
+def encoder() -> AuctionEncoder:
+    return AuctionEncoder(SCHEMA, VOCABULARY)
+
+
+def test_encode_matches_hand_built_batches(encoder: AuctionEncoder) -> None:
+    context, items = encoder.encode(decoded("a", CONTEXT, ITEMS))
+    assert_batches_equal(context, expected_context())
+    assert_batches_equal(items, expected_items())
+    context.check(SCHEMA)
+    items.check(SCHEMA)
+
+
+def test_columns_form_encodes_identically(encoder: AuctionEncoder) -> None:
+    context, items = encoder.encode(decoded("a", CONTEXT, as_columns(ITEMS)))
+    assert_batches_equal(context, expected_context())
+    assert_batches_equal(items, expected_items())
+
+
+def test_second_encoding_uses_the_cache_and_agrees(encoder: AuctionEncoder) -> None:
+    auction = decoded("a", CONTEXT, ITEMS)
+    first = encoder.encode(auction)
+    assert len(encoder.item_side.mappers["advertiser"].cache) == 3  # acme, unseen-co, None
+    second = encoder.encode(auction)
+    assert_batches_equal(second[1], first[1])
+
+
+def test_missing_context_fields_are_missing_index(encoder: AuctionEncoder) -> None:
+    context, _ = encoder.encode(decoded("a", {"hour": ""}, ITEMS))
+    assert context.single.tolist() == [[0, 0]]
+    assert context.bags[0].values.tolist() == [[0]] and context.bags[0].weights.tolist() == [[1.0]]
+
+
+def test_missing_policy_error() -> None:
+    strict = AuctionEncoder(SCHEMA, VOCABULARY, missing="error")
+    with pytest.raises(ProtocolError) as caught:
+        strict.encode(decoded("a", {"user": "u1", "hour": 12}, ITEMS))
+    assert caught.value.reason == Reason.missing_field
+    assert "tags" in caught.value.message
+
+
+def test_booleans_are_integers() -> None:
+    schema = FeatureSchema(
+        fields=(FieldSpec(name="c", role=Role.context, vocab_size=4), FieldSpec(name="i", role=Role.item, vocab_size=4))
+    )
+    vocabulary = Vocabulary([FieldVocabulary("c", ["1", "True"]), FieldVocabulary("i", ["0", "False"])])
+    encoder = AuctionEncoder(schema, vocabulary)
+    for context_value, item_value in ((True, False), (1, 0), (1.0, 0.0)):
+        context, items = encoder.encode(decoded("a", {"c": context_value}, [{"item_id": 1, "features": {"i": item_value}}]))
+        assert (context.single.tolist(), items.single.tolist()) == ([[2]], [[2]])
+
+
+def test_identity_vocabulary_maps_indices_to_themselves() -> None:
+    vocabulary = identity_vocabulary(SCHEMA)
+    assert vocabulary["price"].lookup([2, 5, 6, 0, None]).tolist() == [2, 5, 1, 1, 0]
+
+
+def test_encode_many_pairs_items_with_their_contexts(encoder: AuctionEncoder) -> None:
+    catalog = {"m1": 0, "m2": 1, "m3": 2}
+    auctions = [
+        decoded("rows", CONTEXT, ITEMS),
+        decoded("catalog", {"user": "u1"}, ["m3", "m1"]),
+        decoded("bad", {"user": "u1", "colour": "red"}, ITEMS),
+        decoded("columns", {"user": "u2", "hour": 14}, as_columns(ITEMS[:2])),
+    ]
+    batch = encoder.encode_many(auctions, catalog=catalog)
+    assert [a.auction_id for a in batch.auctions] == ["rows", "catalog", "columns"]
+    assert [(position, error.reason, error.auction_id) for position, error in batch.errors] == [
+        (2, Reason.unknown_field, "bad")
+    ]
+    assert len(batch.context) == 3
+    assert batch.context.single.tolist() == [[4, 3], [2, 0], [3, 4]]
+    assert batch.item_context_index.tolist() == [0, 0, 0, 0, 2, 2]
+    assert batch.catalog_positions.tolist() == [2, 0]
+    assert batch.catalog_context_index.tolist() == [1, 1]
+    assert batch.spans == [(0, 4), (0, 2), (4, 6)]
+    assert_batches_equal(batch.items.rows(torch.arange(4)), expected_items())
+    assert_batches_equal(batch.items.rows(torch.arange(4, 6)), expected_items().rows(torch.arange(2)))
+    parts = batch.split_scores(torch.arange(6.0), torch.tensor([10.0, 20.0]))
+    assert [p.tolist() for p in parts] == [[0.0, 1.0, 2.0, 3.0], [10.0, 20.0], [4.0, 5.0]]
+
+
+def test_batched_scoring_equals_one_auction_at_a_time(encoder: AuctionEncoder) -> None:
+    torch.manual_seed(0)
+    model = build_model(SCHEMA, "dplr_fwfm", 4, rank=2).eval()
+    auctions = [
+        decoded("x", CONTEXT, ITEMS),
+        decoded("y", {"user": "u2", "tags": ["news"]}, ITEMS[1:]),
+        decoded("z", {"hour": 12}, as_columns(ITEMS[:3])),
+    ]
+    batch = encoder.encode_many(auctions)
+    with torch.inference_mode():
+        batched = model.score_items(model.encode_context(batch.context), batch.items, batch.item_context_index)
+        for auction, scores in zip(auctions, batch.split_scores(batched, None)):
+            context, items = encoder.encode(auction)
+            alone = model.score_items(model.encode_context(context), items)
+            full = model(join_context_items(SCHEMA, context, items))
+            torch.testing.assert_close(scores, alone, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(scores, full, rtol=1e-5, atol=1e-5)
+
+
+def test_catalog_auction_needs_a_catalog(encoder: AuctionEncoder) -> None:
+    auction = decoded("c", {}, ["m1"])
+    batch = encoder.encode_many([auction])
+    assert [(p, e.reason) for p, e in batch.errors] == [(0, Reason.catalog_unavailable)]
+    batch = encoder.encode_many([auction], catalog={"m2": 0})
+    assert [(p, e.reason) for p, e in batch.errors] == [(0, Reason.unknown_catalog_item)]
+    with pytest.raises(ValueError, match="catalog"):
+        encoder.encode(auction)
+
+
+BAD_VALUES = {
+    "unknown context field": ({"colour": "red"}, ITEMS[:1], Reason.unknown_field),
+    "item field in the context": ({"advertiser": "acme"}, ITEMS[:1], Reason.unknown_field),
+    "unknown item field": ({}, [{"item_id": 1, "features": {"colour": "red"}}], Reason.unknown_field),
+    "context field in an item": ({}, [{"item_id": 1, "features": {"user": "u1"}}], Reason.unknown_field),
+    "NaN context value": ({"hour": float("nan")}, ITEMS[:1], Reason.non_finite),
+    "infinite item value": ({}, [{"item_id": 1, "features": {"advertiser": float("inf")}}], Reason.non_finite),
+    "NaN weight": ({"tags": {"sport": float("nan")}}, ITEMS[:1], Reason.non_finite),
+    "infinite weight": ({}, [{"item_id": 1, "features": {"genres": {"noir": float("-inf")}}}], Reason.non_finite),
+    "negative weight": ({"tags": {"sport": -1.0}}, ITEMS[:1], Reason.invalid_value),
+    "zero weight": ({"tags": {"sport": 0}}, ITEMS[:1], Reason.invalid_value),
+    "string weight": ({"tags": {"sport": "1"}}, ITEMS[:1], Reason.wrong_type),
+    "array for a single field": ({"user": ["u1", "u2"]}, ITEMS[:1], Reason.wrong_type),
+    "map for a single field": ({}, [{"item_id": 1, "features": {"advertiser": {"acme": 1}}}], Reason.wrong_type),
+    "binary value": ({"user": b"u1"}, ITEMS[:1], Reason.wrong_type),
+    "nested array in a bag": ({"tags": [["sport"]]}, ITEMS[:1], Reason.wrong_type),
+    "bag over the limit": ({"tags": [f"t{i}" for i in range(9)]}, ITEMS[:1], Reason.too_many_values),
+    "overlong value": ({"user": "u" * 65}, ITEMS[:1], Reason.invalid_value),
+    "text for a log-binned field": ({}, [{"item_id": 1, "features": {"price": "cheap"}}], Reason.invalid_value),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_VALUES))
+@pytest.mark.parametrize("form", ["rows", "columns"])
+def test_bad_value_gets_its_reason(case: str, form: str) -> None:
+    encoder = AuctionEncoder(SCHEMA, VOCABULARY, limits=ProtocolLimits(max_bag_values=8, max_value_length=64))
+    context, items, reason = BAD_VALUES[case]
+    auction = decoded("bad", context, items if form == "rows" else as_columns(items))
+    good = decoded("good", CONTEXT, ITEMS)
+    batch = encoder.encode_many([good, auction, good])
+    assert [(p, e.reason, e.auction_id) for p, e in batch.errors] == [(1, reason, "bad")]
+    assert [a.auction_id for a in batch.auctions] == ["good", "good"]
+    assert len(batch.items) == 2 * len(ITEMS)
+
+
+def test_vocabulary_must_cover_the_schema() -> None:
+    with pytest.raises(ValueError, match="no entries"):
+        AuctionEncoder(SCHEMA, Vocabulary([FieldVocabulary("user", ["u1"])]))
+    too_big = Vocabulary([*(VOCABULARY[n] for n in SCHEMA.names if n != "hour"), FieldVocabulary("hour", list("abcd"))])
+    with pytest.raises(ValueError, match="larger"):
+        AuctionEncoder(SCHEMA, too_big)
+
+
+def test_context_keys_equal_exactly_for_equal_encodings(encoder: AuctionEncoder) -> None:
+    short_bags = encoder.encode_many([decoded("a", CONTEXT, ITEMS), decoded("b", {"user": "u1"}, ITEMS)])
+    long_bags = encoder.encode_many([
+        decoded("c", {"tags": ["sport", "news", "tech", "news"]}, ITEMS),
+        decoded("d", {"user": "u3", "hour": "13", "tags": {"sport": 1.0, "tech": 3.0}}, ITEMS),  # encodes as CONTEXT
+        decoded("e", {"user": "u3", "hour": 13, "tags": {"sport": 3.0, "tech": 1.0}}, ITEMS),  # other weights
+    ])
+    assert long_bags.context.bags[0].values.shape[1] == 4 > short_bags.context.bags[0].values.shape[1]
+    a, b = short_bags.context_keys()
+    c, d, e = long_bags.context_keys()
+    assert d == a
+    assert len({a, b, c, e}) == 4
