@@ -13,6 +13,8 @@ COMMAND_MODULES = [
     "rayjobs.cluster",
     "rayjobs.broker",
     "rayjobs.produce",
+    "rayjobs.prepare",
+    "rayjobs.synth",
     "rayjobs.bench",
 ]
 
