@@ -1,6 +1,5 @@
 """Each model's pairwise term equals its equation computed naively over field pairs."""
 
-import numpy as np
 import pytest
 import torch
 
