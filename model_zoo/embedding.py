@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model_zoo.batch import Bag, FeatureBatch
@@ -79,7 +80,7 @@ class FieldEmbedding(nn.Module):
         _, single_offsets, permutation = self._layout(batch.fields, batch.single_fields)
         rows = batch.single + single_offsets
         single_vectors = self.vectors(rows)  # (B, S, k)
-        linear = self.linear(rows).sum(dim=(1, 2))
+        linear = self.linear_terms(batch, rows)
         row_sq_norm = single_vectors.pow(2).sum() if self.training else single_vectors.new_zeros(())
         if not batch.bags:
             return Embedded(single_vectors, linear, row_sq_norm)
@@ -89,13 +90,30 @@ class FieldEmbedding(nn.Module):
             weights = normalised_weights(bag)
             values = self.vectors(bag_rows)  # (B, L, k)
             bag_vectors.append((weights.unsqueeze(-1) * values).sum(dim=1))
-            linear = linear + (weights * self.linear(bag_rows).squeeze(-1)).sum(dim=1)
             if self.training:
                 row_sq_norm = row_sq_norm + ((bag.weights > 0).unsqueeze(-1) * values.pow(2)).sum()
         vectors = torch.cat([single_vectors, torch.stack(bag_vectors, dim=1)], dim=1)
         if permutation is not None:
             vectors = vectors[:, permutation]
         return Embedded(vectors, linear, row_sq_norm)
+
+
+    def linear_terms(self, batch: FeatureBatch, rows: Tensor | None = None) -> Tensor:
+        """(B,) sum of the covered features' linear weights (bags: weighted average);
+        ``rows``: the single-valued fields' global rows, when the caller has them."""
+        # The table's own sparse flag: a sparse-gradient optimizer needs sparse gradients.
+        sparse = self.linear.sparse
+        if batch.single_fields:
+            rows = self.global_rows(batch) if rows is None else rows
+            linear = F.embedding_bag(rows, self.linear.weight, mode="sum", sparse=sparse).squeeze(1)
+        else:
+            linear = self.linear.weight.new_zeros(len(batch))
+        for name, bag in zip(batch.bag_fields, batch.bags):
+            bag_rows = self.bag_rows(name, bag)
+            linear = linear + F.embedding_bag(
+                bag_rows, self.linear.weight, per_sample_weights=normalised_weights(bag), mode="sum", sparse=sparse
+            ).squeeze(1)
+        return linear
 
 
 def normalised_weights(bag: Bag) -> Tensor:

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model_zoo.batch import FeatureBatch
@@ -73,7 +72,7 @@ class FwFM(CTRModel):
     ) -> Tensor:
         self.check_items(state, items)
         active, item_block = self.cached(("plan", items.fields), lambda: self.scoring_plan(items.fields))
-        vectors = self._field_major_vectors(items, active)  # (F', N, k)
+        vectors, linear = self._item_terms(items, active)  # (F', N, k), (N,)
         aggregate = state.aggregate[:, active]
         if context_index is None:
             aggregate = rows_for(None, aggregate)[0].unsqueeze(1)  # (F', 1, k), broadcast over items
@@ -82,13 +81,13 @@ class FwFM(CTRModel):
         # c_j + ½ (R_II V)_j with R_II V as one GEMM, updated in place (no extra (F', N, k) copies).
         weights = torch.mm(item_block, vectors.flatten(1)).view_as(vectors).mul_(0.5).add_(aggregate)
         pairs = (vectors * weights).sum(-1).sum(0)  # two reductions: far faster than sum(dim=(0, 2))
-        return rows_for(context_index, state.scalar) + self._item_linear(items) + pairs
+        return rows_for(context_index, state.scalar) + linear + pairs
 
     def catalog_item_terms(self, items: FeatureBatch) -> tuple[Tensor, Tensor]:
         every_field, item_block = FwFM.scoring_plan(self, items.fields)
-        vectors = self._field_major_vectors(items, every_field)
+        vectors, linear = self._item_terms(items, every_field)
         pair_weights = torch.mm(item_block, vectors.flatten(1)).view_as(vectors)
-        item_scalar = self._item_linear(items) + 0.5 * (vectors * pair_weights).sum(-1).sum(0)
+        item_scalar = linear + 0.5 * (vectors * pair_weights).sum(-1).sum(0)
         return vectors.transpose(0, 1).flatten(1), item_scalar
 
     def catalog_query(self, state: FwFMContext) -> tuple[Tensor, Tensor]:
@@ -101,15 +100,11 @@ class FwFM(CTRModel):
         block = self.interaction_matrix().detach()[positions][:, positions]
         return torch.arange(len(item_fields), device=block.device), block
 
-    def _field_major_vectors(self, items: FeatureBatch, active: Tensor) -> Tensor:
+    def _item_terms(self, items: FeatureBatch, active: Tensor) -> tuple[Tensor, Tensor]:
         """(F', N, k) vectors of the ``active`` item fields, gathered field-major so that
-        R_II V is a single (F' × F') @ (F' × N·k) product."""
+        R_II V is a single (F' × F') @ (F' × N·k) product, and (N,) the items' linear terms."""
         if items.bags:
-            return self.embedding(items).vectors[:, active].transpose(0, 1)
+            embedded = self.embedding(items)
+            return embedded.vectors[:, active].transpose(0, 1), embedded.linear
         rows = self.embedding.global_rows(items)[:, active]
-        return self.embedding.vectors(rows.T)
-
-    def _item_linear(self, items: FeatureBatch) -> Tensor:
-        if items.bags:
-            return self.embedding(items).linear
-        return F.embedding_bag(self.embedding.global_rows(items), self.embedding.linear.weight, mode="sum").squeeze(1)
+        return self.embedding.vectors(rows.T), self.embedding.linear_terms(items)

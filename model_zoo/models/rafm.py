@@ -86,41 +86,41 @@ class RaFM(RankingModel):
         return int(sum(k * n for k, n in zip(self.ranks, at_least)) + self.schema.total_vocab)
 
     # -- level sums ---------------------------------------------------------------------
-    def _level_sums(self, batch: FeatureBatch, level: int, threshold: int) -> tuple[Tensor, Tensor]:
-        """Over the batch's fields, at level ``level`` (0-based table) with only features of
-        level ≥ ``threshold``: (B, k) sum of field vectors and (B,) sum of their squared norms."""
+    def _level_sums(self, batch: FeatureBatch, level: int) -> list[tuple[Tensor, Tensor]]:
+        """At level ``level`` (0-based table), for S_l and S_{l+1} (features of level ≥ l,
+        ≥ l + 1) over the batch's fields: (B, k) sum of field vectors and (B,) sum of
+        their squared norms. One gather serves both sets."""
         table = self.levels[level]
         rows = table.global_rows(batch)
-        if threshold > len(self.ranks):  # S_{L+1} is empty
-            return table.vectors.weight.new_zeros((len(batch), table.dim)), table.vectors.weight.new_zeros(len(batch))
-        kept = (self.feature_levels[rows] >= threshold).unsqueeze(-1)
-        vectors = table.vectors(rows) * kept  # (B, S, k)
-        total, squares = vectors.sum(1), vectors.square().sum(dim=(1, 2))
+        vectors = table.vectors(rows)  # (B, S, k)
+        feature_levels = self.feature_levels[rows]
+        bags = []
         for name, bag in zip(batch.bag_fields, batch.bags):
             bag_rows = table.bag_rows(name, bag)
-            weights = normalised_weights(bag) * (self.feature_levels[bag_rows] >= threshold)
-            field_vector = (weights.unsqueeze(-1) * table.vectors(bag_rows)).sum(1)
-            total = total + field_vector
-            squares = squares + field_vector.square().sum(-1)
-        return total, squares
+            bags.append((normalised_weights(bag), table.vectors(bag_rows), self.feature_levels[bag_rows]))
+        sums = []
+        for threshold in (level + 1, level + 2):
+            if threshold > len(self.ranks):  # S_{L+1} is empty
+                sums.append((vectors.new_zeros((len(batch), table.dim)), vectors.new_zeros(len(batch))))
+                continue
+            kept_vectors = vectors * (feature_levels >= threshold).unsqueeze(-1)
+            total, squares = kept_vectors.sum(1), kept_vectors.square().sum(dim=(1, 2))
+            for weights, values, value_levels in bags:
+                field_vector = ((weights * (value_levels >= threshold)).unsqueeze(-1) * values).sum(1)
+                total = total + field_vector
+                squares = squares + field_vector.square().sum(-1)
+            sums.append((total, squares))
+        return sums
 
     def _level_terms(self, batch: FeatureBatch) -> list[tuple[Tensor, Tensor]]:
         """[FM_l(S_l), FM_l(S_{l+1})] for every level l."""
-        terms = []
-        for level in range(len(self.ranks)):
-            pair = []
-            for threshold in (level + 1, level + 2):
-                total, squares = self._level_sums(batch, level, threshold)
-                pair.append(0.5 * (total.square().sum(-1) - squares))
-            terms.append((pair[0], pair[1]))
-        return terms
+        return [
+            tuple(0.5 * (total.square().sum(-1) - squares) for total, squares in self._level_sums(batch, level))
+            for level in range(len(self.ranks))
+        ]
 
     def _linear(self, batch: FeatureBatch) -> Tensor:
-        table = self.levels[0]
-        linear = table.linear(table.global_rows(batch)).sum(dim=(1, 2))
-        for name, bag in zip(batch.bag_fields, batch.bags):
-            linear = linear + (normalised_weights(bag) * table.linear(table.bag_rows(name, bag)).squeeze(-1)).sum(1)
-        return linear
+        return self.levels[0].linear_terms(batch)
 
     # -- training ---------------------------------------------------------------------------
     def forward(self, batch: FeatureBatch) -> Tensor:
@@ -152,23 +152,18 @@ class RaFM(RankingModel):
 
     # -- cached ranking ---------------------------------------------------------------------------
     def encode_context(self, context: FeatureBatch) -> RaFMContext:
-        sums = tuple(
-            self._level_sums(context, level, threshold)
-            for level in range(len(self.ranks))
-            for threshold in (level + 1, level + 2)
-        )
+        sums = tuple(pair for level in range(len(self.ranks)) for pair in self._level_sums(context, level))
         scalar = self.bias + self._linear(context)
         return RaFMContext(context.fields, self.item_fields_for(context.fields), scalar, sums)
 
     def score_items(self, state: RaFMContext, items: FeatureBatch, context_index: Tensor | None = None) -> Tensor:
         self.check_items(state, items)
         score = rows_for(context_index, state.scalar) + self._linear(items)
-        position = 0
         for level in range(len(self.ranks)):
-            for sign, threshold in ((1.0, level + 1), (-1.0, level + 2)):
-                context_total, context_squares = state.sums[position]
-                position += 1
-                item_total, item_squares = self._level_sums(items, level, threshold)
+            item_sums = self._level_sums(items, level)
+            for sign, (context_total, context_squares), (item_total, item_squares) in zip(
+                (1.0, -1.0), state.sums[2 * level : 2 * level + 2], item_sums
+            ):
                 total = rows_for(context_index, context_total) + item_total
                 squares = rows_for(context_index, context_squares) + item_squares
                 score = score + sign * 0.5 * (total.square().sum(-1) - squares)
