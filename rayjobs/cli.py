@@ -12,6 +12,7 @@ COMMAND_MODULES = [
     "rayjobs.demo",
     "rayjobs.cluster",
     "rayjobs.broker",
+    "rayjobs.serve",
     "rayjobs.produce",
     "rayjobs.prepare",
     "rayjobs.synth",

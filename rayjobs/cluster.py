@@ -19,6 +19,8 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import psutil
+
 DEFAULT_TEMP_DIR = "/tmp/rankstream-ray"  # short: Ray's socket paths must stay under 108 bytes
 
 
@@ -75,14 +77,41 @@ def cluster_status(temp_dir: str) -> LocalCluster | None:
     return cluster
 
 
-def cluster_down(temp_dir: str) -> None:
-    subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), "stop", "--force"],
-        env=ray_environment(), capture_output=True, text=True, check=False,
-    )
+def cluster_down(temp_dir: str, timeout_s: float = 15.0) -> None:
+    """Stop the head recorded in ``temp_dir`` and its workers — only that one: `ray stop`
+    would stop every Ray cluster of the machine. Its processes are the ones whose command
+    line names the temp dir (GCS, raylet, dashboard, monitors) and their children."""
+    marker = str(Path(temp_dir).resolve())
+    me = psutil.Process()
+    spared = {me.pid, *(p.pid for p in me.parents())}  # e.g. this very `cluster down --temp-dir …`
+    roots = []
+    for process in psutil.process_iter(["cmdline"]):
+        if process.pid not in spared and any(marker in part for part in process.info["cmdline"] or ()):
+            roots.append(process)
+    victims = {p.pid: p for root in roots for p in [root, *_children(root)]}
+    for process in victims.values():
+        _signal(process, "terminate")
+    _, alive = psutil.wait_procs(list(victims.values()), timeout=timeout_s)
+    for process in alive:
+        _signal(process, "kill")
+    psutil.wait_procs(alive, timeout=5)
     state_file(temp_dir).unlink(missing_ok=True)
     # `ray stop` leaves this behind; a later local ray.init() would try to join it.
     (Path(temp_dir) / "ray_current_cluster").unlink(missing_ok=True)
+
+
+def _children(process: psutil.Process) -> list[psutil.Process]:
+    try:
+        return process.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _signal(process: psutil.Process, how: str) -> None:
+    try:
+        getattr(process, how)()
+    except psutil.NoSuchProcess:
+        pass
 
 
 def _dashboard_answers(url: str) -> bool:

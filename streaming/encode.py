@@ -303,6 +303,12 @@ class AuctionEncoder:
             auctions, context, items, item_context_index, catalog_positions, catalog_context_index, spans, []
         )
 
+    def encode_item_columns(self, columns: dict[str, list[Any]], count: int) -> FeatureBatch:
+        """Item rows from raw columns (field -> one value per item), e.g. an item catalog
+        file; raises ProtocolError on the first bad value."""
+        side = self.item_side
+        return side.batch(side.columns_of_columns(columns, count, self.missing), count)
+
     def _item_batch(self, auctions: list[Auction]) -> FeatureBatch:
         """Item rows of feature-item auctions, in auction order."""
         side, parts = self.item_side, []

@@ -62,6 +62,10 @@ class KafkaClientConfig(BaseModel):
             kwargs["sasl_plain_username"] = self.sasl_plain_username
         if self.sasl_plain_password is not None:
             kwargs["sasl_plain_password"] = self.sasl_plain_password.get_secret_value()
+        elif self.sasl_mechanism is not None and os.environ.get(SASL_PASSWORD_ENV):
+            # Deployed services take the password from their environment (a Kubernetes
+            # Secret), so it never appears in a Serve config or the dashboard.
+            kwargs["sasl_plain_password"] = os.environ[SASL_PASSWORD_ENV]
         if self.security_protocol in ("SSL", "SASL_SSL"):
             kwargs["ssl_check_hostname"] = self.ssl_check_hostname
             for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):

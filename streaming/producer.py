@@ -349,7 +349,7 @@ def run_load(
                 raise ValueError(f"topic {topic!r} does not exist (create it with `rankstream broker up` or an admin tool)")
             partitions += [TopicPartition(topic, p) for p in sorted(found)]
         consumer.assign(partitions)
-        _skip_to_end(consumer, partitions)
+        skip_to_end(consumer, partitions)
         collector = _ReplyCollector(consumer, topics.dlq)
         collector.start()
         producer = config.producer(linger_ms=load.linger_ms, batch_size=load.batch_size)
@@ -389,7 +389,7 @@ def run_load(
     return _report(collector, started, send_seconds, load.rate)
 
 
-def _skip_to_end(consumer: Any, partitions: list[Any], timeout_s: float = 10.0) -> None:
+def skip_to_end(consumer: Any, partitions: list[Any], timeout_s: float = 10.0) -> None:
     """Position the consumer at the end of its partitions before anything is sent.
 
     ``seek_to_end`` alone is not enough: Tansu answers ListOffsets "latest" with the

@@ -33,6 +33,7 @@ class Reason(str, Enum):
     """Machine-readable reasons of error replies (the ``reason`` field)."""
 
     malformed_msgpack = "malformed_msgpack"  # not decodable (truncated, bad UTF-8, ext types, non-string map keys)
+    malformed_json = "malformed_json"  # HTTP only: a JSON request body that does not parse
     not_a_map = "not_a_map"  # decodes, but not to a map
     unsupported_version = "unsupported_version"
     missing_field = "missing_field"  # a required key is absent

@@ -1,0 +1,252 @@
+"""``rankstream serve up|status|down``: the scorer on a running Ray cluster.
+
+``up`` is a config deploy through the dashboard's Serve REST API — the same thing
+`serve deploy cluster/serve_config.yaml` does — so running ``up`` again with a new
+``--bundle`` against a running scorer changes only the model (the deployment's
+user_config) and reloads it in place, without restarting replicas or losing messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from rayjobs.cluster import DEFAULT_TEMP_DIR, cluster_status
+from serve_app.config import ModelConfig, ScorerArgs
+from streaming.kafka_config import (
+    SASL_PASSWORD_ENV,
+    add_kafka_arguments,
+    kafka_config_from_args,
+    topic_names_from_args,
+)
+from streaming.protocol import ProtocolLimits
+
+APP_NAME = "rankstream"
+IMPORT_PATH = "serve_app.app:build_app"
+METRIC_PREFIX = "ray_rankstream_"
+
+
+def serve_config(
+    args: ScorerArgs, model: ModelConfig, http_host: str = "127.0.0.1", http_port: int = 8000
+) -> dict[str, Any]:
+    """The Serve config (the `serve deploy` file format) of the scorer application; the
+    model goes into the deployment's user_config, so redeploying with another model
+    reloads it in place."""
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": http_host, "port": http_port},
+        "applications": [
+            {
+                "name": APP_NAME,
+                "route_prefix": "/",
+                "import_path": IMPORT_PATH,
+                "args": json.loads(_args_json(args)),
+                "deployments": [
+                    {"name": "Scorer", "num_replicas": args.num_replicas, "user_config": model.model_dump(mode="json")}
+                ],
+            }
+        ],
+    }
+
+
+def _args_json(args: ScorerArgs) -> str:
+    """Args as JSON. A Serve config is shown by the dashboard, so it never carries the
+    SASL password: replicas read it from $RANKSTREAM_KAFKA_SASL_PASSWORD on the nodes."""
+    if args.kafka is not None and args.kafka.sasl_plain_password is not None:
+        raise ValueError(
+            f"serve up does not put passwords into the Serve config (the dashboard shows it); "
+            f"set ${SASL_PASSWORD_ENV} in the Ray nodes' environment instead"
+        )
+    return json.dumps(args.model_dump(mode="json", exclude_none=True))
+
+
+# -- the dashboard's Serve REST API -----------------------------------------------------
+def _request(url: str, method: str = "GET", body: dict[str, Any] | None = None, timeout_s: float = 30) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            payload = response.read()
+    except urllib.error.HTTPError as error:
+        raise ValueError(f"{method} {url} failed ({error.code}): {error.read().decode(errors='replace')[:2000]}") from None
+    return json.loads(payload) if payload else None
+
+
+def deploy(dashboard_url: str, config: dict[str, Any]) -> None:
+    _request(f"{dashboard_url}/api/serve/applications/", "PUT", config)
+
+
+def serve_details(dashboard_url: str) -> dict[str, Any]:
+    return _request(f"{dashboard_url}/api/serve/applications/")
+
+
+def wait_until_running(dashboard_url: str, deployed_at: float, timeout_s: float = 180.0) -> dict[str, Any]:
+    """The application's details once the config deployed at ``deployed_at`` (Unix time)
+    is RUNNING; raises if it fails to deploy."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        application = serve_details(dashboard_url).get("applications", {}).get(APP_NAME)
+        status = application and application.get("status")
+        current = application and application.get("last_deployed_time_s", 0) >= deployed_at - 1.0
+        if status == "RUNNING" and current:
+            return application
+        if status == "DEPLOY_FAILED":
+            raise RuntimeError(f"the scorer failed to deploy: {application.get('message')}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the scorer is not running after {timeout_s:.0f} s (status {status})")
+        time.sleep(1.0)
+
+
+def delete(dashboard_url: str) -> None:
+    _request(f"{dashboard_url}/api/serve/applications/", "DELETE")
+
+
+# -- metrics ----------------------------------------------------------------------------
+def scorer_metrics(metrics_urls: list[str]) -> dict[str, float]:
+    """The scorer's metrics summed over replicas, from the nodes' Prometheus endpoints
+    (what Prometheus scrapes). Histograms give count, mean and bucket quantiles."""
+    totals: dict[str, float] = {}
+    buckets: dict[str, dict[float, float]] = {}
+    for url in metrics_urls:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        for family in text_string_to_metric_families(text):
+            if not family.name.startswith(METRIC_PREFIX):
+                continue
+            name = family.name[len(METRIC_PREFIX) :]
+            for sample in family.samples:
+                tags = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k in ("reason", "partition", "version"))
+                if sample.name.endswith("_bucket"):
+                    bucket = buckets.setdefault(name, {})
+                    edge = float(sample.labels["le"])
+                    bucket[edge] = bucket.get(edge, 0.0) + sample.value
+                    continue
+                suffix = sample.name[len(METRIC_PREFIX) + len(name) :]
+                key = f"{name}{suffix}" + (f"{{{tags}}}" if tags else "")
+                totals[key] = totals.get(key, 0.0) + sample.value
+    for name, bucket in buckets.items():
+        count = totals.get(f"{name}_count", 0.0)
+        if count:
+            totals[f"{name}_mean"] = totals.get(f"{name}_sum", 0.0) / count
+            for q in (0.5, 0.99):
+                totals[f"{name}_p{int(q * 100)}<="] = next(edge for edge in sorted(bucket) if bucket[edge] >= q * count)
+    return totals
+
+
+def metrics_urls(address: str) -> list[str]:
+    import ray
+
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    try:
+        return [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics" for n in ray.nodes() if n["Alive"]]
+    finally:
+        ray.shutdown()
+
+
+# -- CLI -----------------------------------------------------------------------------------
+def _cluster(args: argparse.Namespace) -> tuple[str, str]:
+    """(GCS address, dashboard URL) of the target cluster."""
+    if args.dashboard_url:
+        return args.address or "auto", args.dashboard_url
+    cluster = cluster_status(args.temp_dir)
+    if cluster is None:
+        raise ValueError("no local Ray cluster running; start one with `rankstream cluster up` or pass --dashboard-url")
+    return cluster.address, cluster.dashboard_url
+
+
+def scorer_args_from(args: argparse.Namespace) -> tuple[ModelConfig, ScorerArgs]:
+    bundle = Path(args.bundle).resolve()
+    if not (bundle / "config.json").is_file():
+        raise FileNotFoundError(f"no model bundle at {bundle}")
+    catalog = str(Path(args.catalog).resolve()) if args.catalog else None
+    kafka = None if args.no_kafka else kafka_config_from_args(args)
+    if kafka is not None and kafka.sasl_plain_password is not None:
+        if kafka.sasl_plain_password.get_secret_value() == os.environ.get(SASL_PASSWORD_ENV):
+            kafka = kafka.model_copy(update={"sasl_plain_password": None})  # replicas read the same variable
+    return ModelConfig(bundle=str(bundle), catalog=catalog), ScorerArgs(
+        kafka=kafka,
+        topics=topic_names_from_args(args),
+        group_id=args.group_id,
+        num_replicas=args.replicas,
+        max_poll_records=args.max_poll_records,
+        context_cache_size=args.context_cache_size,
+        limits=ProtocolLimits(max_items=args.max_items),
+    )
+
+
+def handle(args: argparse.Namespace) -> int:
+    address, dashboard_url = _cluster(args)
+    if args.serve_command == "up":
+        if not args.bundle:
+            raise ValueError("serve up needs --bundle DIR")
+        model, scorer_args = scorer_args_from(args)
+        deployed_at = time.time()
+        deploy(dashboard_url, serve_config(scorer_args, model, args.http_host, args.http_port))
+        application = wait_until_running(dashboard_url, deployed_at, args.timeout)
+        version = json.loads((Path(model.bundle) / "config.json").read_text())["model_version"]
+        print(f"scorer running: {scorer_args.num_replicas} replica(s), model version {version}")
+        print(f"HTTP: POST http://{args.http_host}:{args.http_port}/score, GET /healthz, GET /stats")
+        if scorer_args.kafka is not None:
+            topics = scorer_args.topics
+            print(f"Kafka: {scorer_args.kafka.bootstrap_servers} {topics.auctions} -> {topics.scores} (dead letters: {topics.dlq})")
+        print(f"dashboard: {dashboard_url}/#/serve (status {application['status']})")
+        return 0
+    if args.serve_command == "down":
+        delete(dashboard_url)
+        print("scorer deleted")
+        return 0
+    return _print_status(address, dashboard_url, args.json)
+
+
+def _print_status(address: str, dashboard_url: str, as_json: bool) -> int:
+    application = serve_details(dashboard_url).get("applications", {}).get(APP_NAME)
+    if application is None:
+        print("no scorer deployed" if not as_json else json.dumps(None))
+        return 1
+    deployments = {
+        name: {"status": d["status"], "replicas": [r["state"] for r in d.get("replicas", [])]}
+        for name, d in application.get("deployments", {}).items()
+    }
+    metrics = scorer_metrics(metrics_urls(address))
+    if as_json:
+        print(json.dumps({"status": application["status"], "deployments": deployments, "metrics": metrics}, indent=2))
+        return 0
+    print(f"application {APP_NAME}: {application['status']}")
+    for name, deployment in deployments.items():
+        print(f"  {name}: {deployment['status']}, replicas {deployment['replicas']}")
+    if not metrics:
+        print("no metrics exported yet (Ray exports them every few seconds)")
+    for key in sorted(metrics):
+        print(f"  {key} {metrics[key]:g}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("serve", help="the Ray Serve scorer: up, status, down")
+    parser.add_argument("serve_command", choices=["up", "status", "down"])
+    parser.add_argument("--bundle", help="model bundle directory (up)")
+    parser.add_argument("--catalog", default=None, help="item-features parquet for catalog auctions (up)")
+    parser.add_argument("--replicas", type=int, default=1, help="at most the auctions topic's partitions")
+    parser.add_argument("--group-id", default="rankstream-scorer")
+    parser.add_argument("--max-poll-records", type=int, default=256)
+    parser.add_argument("--context-cache-size", type=int, default=10_000)
+    parser.add_argument("--max-items", type=int, default=ProtocolLimits().max_items)
+    parser.add_argument("--no-kafka", action="store_true", help="HTTP only")
+    parser.add_argument("--http-host", default="127.0.0.1")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the deploy")
+    parser.add_argument("--json", action="store_true", help="status as JSON")
+    cluster = parser.add_argument_group("Ray cluster")
+    cluster.add_argument("--dashboard-url", default=None, help="default: the head of `rankstream cluster up`")
+    cluster.add_argument("--address", default=None, help="GCS address (with --dashboard-url)")
+    cluster.add_argument("--temp-dir", default=DEFAULT_TEMP_DIR)
+    add_kafka_arguments(parser)
+    parser.set_defaults(func=handle)

@@ -1,0 +1,150 @@
+"""The Kafka side of a scorer replica: one consumer thread, committing to the scorers'
+consumer group.
+
+Partitions are assigned statically: replica r of N reads partitions p with p mod N = r
+(Serve keeps ranks 0..N-1 stable: a replacement replica takes the rank of the one it
+replaces, and resumes from the group's committed offsets). Not the group protocol:
+with the embedded broker (Tansu), a group whose members were replaced one by one — a
+Serve rolling update — never assigned partitions again (reproduced outside Ray with
+two kafka-python members); static assignment also avoids stop-the-world rebalances,
+like Kafka's static membership. Replica count and partitions are re-read every few
+seconds, so scaling the deployment re-spreads the partitions.
+
+Per poll: score the batch (``score`` uses one model for a whole batch, so a hot reload
+swaps models between batches, never inside one), send every reply, ``flush``
+until the broker acknowledged them all, and only then commit the batch's offsets —
+at-least-once: a crash before the commit makes the group redeliver, never lose.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from kafka.errors import CommitFailedError, KafkaError
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from serve_app.runtime import BatchReport
+from streaming.kafka_config import KafkaClientConfig, TopicNames
+from streaming.protocol import now_ms
+
+logger = logging.getLogger("ray.serve")  # the replica's log file and the dashboard's log view
+
+LAG_REFRESH_S = 1.0
+ASSIGNMENT_REFRESH_S = 5.0
+
+
+class KafkaLoop(threading.Thread):
+    def __init__(
+        self,
+        kafka: KafkaClientConfig,
+        topics: TopicNames,
+        group_id: str,
+        max_poll_records: int,
+        score: Callable[[Sequence[bytes], int, Sequence[dict[str, object]]], BatchReport],
+        on_lag: Callable[[dict[int, int]], None],
+        membership: Callable[[], tuple[int, int]] = lambda: (0, 1),
+    ) -> None:
+        """``membership()`` gives (this replica's rank, number of replicas)."""
+        super().__init__(name="kafka-scorer", daemon=True)
+        self.kafka = kafka
+        self.topics = topics
+        self.group_id = group_id
+        self.max_poll_records = max_poll_records
+        self.score = score
+        self.on_lag = on_lag
+        self.membership = membership
+        self.stopping = threading.Event()
+        self.error: BaseException | None = None
+        self.committed = 0  # messages whose offsets were committed, for tests and status
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Finish the batch in hand, then leave the group (its partitions move at once)."""
+        self.stopping.set()
+        self.join(timeout_s)
+        logger.info("Kafka loop stopped after committing %d messages", self.committed)
+
+    def run(self) -> None:
+        try:
+            self._consume()
+        except BaseException as error:  # check_health reports it; Serve then replaces the replica
+            logger.exception("Kafka loop died")
+            self.error = error
+
+    def _consume(self) -> None:
+        consumer = self.kafka.consumer(
+            group_id=self.group_id,  # where offsets are committed; partitions are assigned below
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_poll_records=self.max_poll_records,
+            fetch_max_wait_ms=20,
+        )
+        producer = self.kafka.producer(linger_ms=1)
+        try:
+            lag_refreshed = assignment_refreshed = 0.0
+            while not self.stopping.is_set():
+                if time.monotonic() - assignment_refreshed > ASSIGNMENT_REFRESH_S:
+                    self._assign(consumer)
+                    assignment_refreshed = time.monotonic()
+                polled = consumer.poll(timeout_ms=100) if consumer.assignment() else {}
+                if polled:
+                    self._process(consumer, producer, polled)
+                elif not consumer.assignment():
+                    time.sleep(0.1)  # more replicas than partitions: this one idles
+                if time.monotonic() - lag_refreshed > LAG_REFRESH_S:
+                    self.on_lag(_lag(consumer))
+                    lag_refreshed = time.monotonic()
+        finally:
+            try:
+                consumer.close(autocommit=False)  # everything processed is committed already
+            finally:
+                producer.close()
+
+    def _assign(self, consumer: Any) -> None:
+        partitions = consumer.partitions_for_topic(self.topics.auctions)
+        if not partitions:
+            raise RuntimeError(f"topic {self.topics.auctions!r} does not exist")
+        rank, replicas = self.membership()
+        wanted = {TopicPartition(self.topics.auctions, p) for p in partitions if p % replicas == rank}
+        if wanted != consumer.assignment():
+            consumer.assign(sorted(wanted))
+            logger.info("replica %d of %d reads partitions %s", rank, replicas, sorted(p.partition for p in wanted))
+
+    def _process(self, consumer: Any, producer: Any, polled: dict[TopicPartition, list[Any]]) -> None:
+        received_at = now_ms()
+        records = [record for batch in polled.values() for record in batch]
+        report = self.score(
+            [r.value for r in records],
+            received_at,
+            [{"topic": r.topic, "partition": r.partition, "offset": r.offset} for r in records],
+        )
+        for reply in report.replies:
+            topic = self.topics.dlq if reply.reason is not None else reply.reply_to or self.topics.scores
+            key = reply.auction_id.encode() if reply.auction_id is not None else None
+            producer.send(topic, key=key, value=reply.value)
+        producer.flush()  # raises if a reply could not be written: nothing is committed then
+        offsets = {tp: OffsetAndMetadata(batch[-1].offset + 1, "", -1) for tp, batch in polled.items()}
+        try:
+            consumer.commit(offsets)
+            self.committed += len(records)
+        except CommitFailedError:
+            # The next owner of these partitions re-scores the batch (a duplicate reply,
+            # which consumers drop by auction id); nothing is lost.
+            logger.warning("commit failed; %d messages will be redelivered", len(records))
+
+
+def _lag(consumer: Any) -> dict[int, int]:
+    """Messages behind the high watermark per assigned partition (from fetch responses:
+    Tansu's ListOffsets answers are not exact)."""
+    lag = {}
+    for partition in consumer.assignment():
+        try:
+            highwater = consumer.highwater(partition)
+            if highwater is not None:
+                lag[partition.partition] = max(0, highwater - consumer.position(partition, timeout_ms=1000))
+        except KafkaError:
+            continue
+    return lag

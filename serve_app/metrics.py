@@ -1,0 +1,89 @@
+"""The scorer's metrics: exported through ``ray.serve.metrics`` (tagged per application,
+deployment and replica by Serve; scraped by Prometheus from each node's metrics port,
+read back by `rankstream serve status`) and kept as a local snapshot for ``GET /stats``."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter as Tally
+from collections import deque
+
+import numpy as np
+from ray.serve import metrics
+
+from serve_app.runtime import BatchReport
+
+LATENCY_BOUNDARIES_MS = [0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 25, 35, 50, 75, 100, 250, 500, 1000, 5000]
+RECENT_REPLIES = 10_000
+
+
+class ScorerMetrics:
+    def __init__(self) -> None:
+        self.auctions = metrics.Counter("rankstream_auctions_scored", "auctions answered with scores")
+        self.items = metrics.Counter("rankstream_items_scored", "item scores computed")
+        self.errors = metrics.Counter("rankstream_errors", "messages sent to the dead-letter topic", tag_keys=("reason",))
+        self.scoring_latency = metrics.Histogram(
+            "rankstream_scoring_latency_ms", "encode + score time of one batch", LATENCY_BOUNDARIES_MS
+        )
+        self.end_to_end_latency = metrics.Histogram(
+            "rankstream_end_to_end_latency_ms", "reply time - the auction's sent_at_ms", LATENCY_BOUNDARIES_MS
+        )
+        self.consumer_lag = metrics.Gauge(
+            "rankstream_consumer_lag", "messages behind the high watermark", tag_keys=("partition",)
+        )
+        self.cache_hit_ratio = metrics.Gauge("rankstream_context_cache_hit_ratio", "context cache hits / lookups")
+        self.model_version = metrics.Gauge(
+            "rankstream_model_version_info", "1 for the model version this replica serves", tag_keys=("model", "version")
+        )
+        self.totals: Tally[str] = Tally()
+        self.error_totals: Tally[str] = Tally()
+        self.recent_end_to_end: deque[float] = deque(maxlen=RECENT_REPLIES)
+        self.lag: dict[int, int] = {}
+        self.hit_ratio = 0.0
+        self.serving: tuple[str, str] | None = None
+
+    def record_batch(self, report: BatchReport, cache_hit_ratio: float) -> None:
+        if report.auctions:
+            self.auctions.inc(report.auctions)
+            self.items.inc(report.items)
+            self.scoring_latency.observe(report.scoring_ms)
+        for reason, count in report.errors.items():
+            self.errors.inc(count, tags={"reason": reason})
+            self.error_totals[reason] += count
+        for reply in report.replies:
+            if reply.end_to_end_ms is not None:
+                self.end_to_end_latency.observe(reply.end_to_end_ms)
+                self.recent_end_to_end.append(reply.end_to_end_ms)
+        self.totals.update(auctions=report.auctions, items=report.items, batches=1)
+        self.cache_hit_ratio.set(cache_hit_ratio)
+        self.hit_ratio = cache_hit_ratio
+
+    def record_lag(self, lag: dict[int, int]) -> None:
+        for partition in self.lag.keys() - lag.keys():  # moved to another replica
+            self.consumer_lag.set(0, tags={"partition": str(partition)})
+        for partition, behind in lag.items():
+            self.consumer_lag.set(behind, tags={"partition": str(partition)})
+        self.lag = lag
+
+    def record_model(self, name: str, version: str) -> None:
+        if self.serving is not None:
+            self.model_version.set(0, tags={"model": self.serving[0], "version": self.serving[1]})
+        self.model_version.set(1, tags={"model": name, "version": version})
+        self.serving = (name, version)
+
+    def snapshot(self) -> dict[str, object]:
+        recent = np.asarray(self.recent_end_to_end) if self.recent_end_to_end else None
+        return {
+            "pid": os.getpid(),
+            "model": self.serving[0] if self.serving else None,
+            "model_version": self.serving[1] if self.serving else None,
+            "auctions_scored": self.totals["auctions"],
+            "items_scored": self.totals["items"],
+            "batches": self.totals["batches"],
+            "errors": dict(self.error_totals),
+            "context_cache_hit_ratio": round(self.hit_ratio, 4),
+            "consumer_lag": {str(p): n for p, n in sorted(self.lag.items())},
+            "end_to_end_ms_recent": None
+            if recent is None
+            else {q: round(float(np.percentile(recent, int(q[1:]))), 3) for q in ("p50", "p95", "p99")},
+        }

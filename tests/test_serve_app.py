@@ -1,0 +1,407 @@
+"""The scorer end to end: a real local Ray head, the real Serve application deployed with
+`rankstream serve up` (a config deploy through the dashboard's REST API), the embedded
+Kafka-compatible broker, auctions in, replies out.
+
+One deployment (2 replicas, 4 partitions) serves the whole module, in this order:
+exact scores for 1,000 auctions; a corpus of bad messages; HTTP; `serve status`;
+hot reload under load; killing a replica mid-stream."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from kafka import TopicPartition
+
+from model_zoo.batch import join_context_items
+from model_zoo.bundle import load_bundle, save_bundle
+from model_zoo.registry import build_model
+from model_zoo.schema import FeatureSchema, FieldSpec, Kind, Role
+from model_zoo.vocab import FieldVocabulary, Vocabulary
+from rayjobs import cli
+from rayjobs.cluster import cluster_down, cluster_up
+from rayjobs.serve import serve_details
+from streaming.admin import create_topics
+from streaming.broker import free_port, start_broker
+from streaming.encode import AuctionEncoder
+from streaming.kafka_config import KafkaClientConfig, TopicNames
+from streaming.producer import skip_to_end
+from streaming.protocol import decode_auction, decode_error, decode_reply, encode_auction
+
+pytestmark = pytest.mark.slow
+
+SCHEMA = FeatureSchema(
+    fields=(
+        FieldSpec(name="user", role=Role.context, vocab_size=42),
+        FieldSpec(name="hour", role=Role.context, vocab_size=26),
+        FieldSpec(name="interests", role=Role.context, kind=Kind.multi, vocab_size=12),
+        FieldSpec(name="ad", role=Role.item, vocab_size=62),
+        FieldSpec(name="advertiser", role=Role.item, vocab_size=12),
+        FieldSpec(name="genres", role=Role.item, kind=Kind.multi, vocab_size=9),
+    )
+)
+TOKENS = {
+    "user": [f"u{i}" for i in range(40)],
+    "hour": [str(h) for h in range(24)],
+    "interests": ["sport", "news", "tech", "art", "food", "travel", "music", "film", "games", "cars"],
+    "ad": [f"ad{i}" for i in range(60)],
+    "advertiser": [f"adv{i}" for i in range(10)],
+    "genres": ["drama", "comedy", "noir", "sf", "doc", "kids", "crime"],
+}
+VOCABULARY = Vocabulary(FieldVocabulary(name, tokens) for name, tokens in TOKENS.items())
+CATALOG_SIZE = 50
+PARTITIONS = 4
+REPLICAS = 2
+
+
+def catalog_rows() -> dict[str, list]:
+    rng = np.random.default_rng(5)
+    return {
+        "item_id": [f"cat-{i}" for i in range(CATALOG_SIZE)],
+        "ad": [f"ad{i}" for i in range(CATALOG_SIZE)],
+        "advertiser": [f"adv{rng.integers(0, 12)}" for _ in range(CATALOG_SIZE)],  # adv10, adv11 unseen
+        "genres": [list(rng.choice(TOKENS["genres"], int(rng.integers(0, 3)), replace=False)) for _ in range(CATALOG_SIZE)],
+    }
+
+
+def make_auctions(count: int, seed: int, prefix: str) -> list[tuple[str, bytes]]:
+    """Auctions in all three item forms; users repeat, so the context cache gets hits."""
+    rng = np.random.default_rng(seed)
+    catalog = catalog_rows()
+    auctions = []
+    for n in range(count):
+        auction_id = f"{prefix}-{n}"
+        context = {
+            "user": f"u{rng.integers(0, 45)}",  # u40..u44 are unseen: the rare index
+            "hour": int(rng.integers(0, 24)),
+            "interests": {t: float(rng.integers(1, 4)) for t in rng.choice(TOKENS["interests"], 2, replace=False)},
+        }
+        items = int(rng.integers(1, 30))
+        form = n % 3
+        if form == 2:
+            chosen = rng.choice(CATALOG_SIZE, items, replace=False)
+            payload = [catalog["item_id"][i] for i in chosen]
+        else:
+            rows = {
+                "ad": [f"ad{i}" for i in rng.integers(0, 62, items)],
+                "advertiser": [f"adv{i}" for i in rng.integers(0, 10, items)],
+                "genres": [list(rng.choice(TOKENS["genres"], int(rng.integers(0, 3)), replace=False)) for _ in range(items)],
+            }
+            ids = [f"{auction_id}-i{j}" for j in range(items)]
+            if form == 0:
+                payload = {"item_id": ids, "features": rows}
+            else:
+                payload = [{"item_id": i, "features": {k: v[j] for k, v in rows.items()}} for j, i in enumerate(ids)]
+        top_k = 3 if n % 5 == 0 else None
+        auctions.append((auction_id, encode_auction(auction_id, context, payload, top_k=top_k)))
+    return auctions
+
+
+def offline_scores(bundle_dir: Path, message: bytes) -> np.ndarray:
+    """The full forward of the bundle's model on the auction's rows; catalog items take
+    their features from the catalog rows."""
+    bundle = load_bundle(bundle_dir)
+    auction = decode_auction(message)
+    if auction.is_catalog:
+        catalog = catalog_rows()
+        position = {item_id: i for i, item_id in enumerate(catalog["item_id"])}
+        rows = [position[i] for i in auction.item_ids]
+        columns = {name: [catalog[name][r] for r in rows] for name in ("ad", "advertiser", "genres")}
+        message = encode_auction(auction.auction_id, auction.context, {"item_id": auction.item_ids, "features": columns})
+        auction = decode_auction(message)
+    context, items = AuctionEncoder(SCHEMA, bundle.vocabulary).encode(auction)
+    with torch.no_grad():
+        return bundle.model(join_context_items(SCHEMA, context, items)).numpy()
+
+
+@dataclass
+class Stack:
+    kafka: KafkaClientConfig
+    topics: TopicNames
+    address: str
+    dashboard_url: str
+    http_port: int
+    bundles: dict[str, Path]
+    catalog: Path
+    temp_dir: str
+    serving: str = "v1"
+
+    def serve_up(self, version: str) -> None:
+        code = cli.main(
+            ["serve", "up", "--bundle", str(self.bundles[version]), "--catalog", str(self.catalog),
+             "--replicas", str(REPLICAS), "--dashboard-url", self.dashboard_url, "--http-port", str(self.http_port),
+             "--bootstrap-servers", self.kafka.bootstrap_servers, "--max-items", "1000", "--timeout", "300"]
+        )
+        assert code == 0
+        self.serving = version
+
+    def replicas(self) -> dict[str, int]:
+        """Replica id -> pid of the running scorer replicas."""
+        deployment = serve_details(self.dashboard_url)["applications"]["rankstream"]["deployments"]["Scorer"]
+        return {r["replica_id"]: r["pid"] for r in deployment["replicas"] if r["state"] == "RUNNING"}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("serve")
+    bundles = {}
+    for version, seed in (("v1", 1), ("v2", 2)):
+        torch.manual_seed(seed)
+        model = build_model(SCHEMA, "dplr_fwfm", 8, rank=2)
+        VOCABULARY.save(root / "vocab")
+        bundles[version] = save_bundle(root / f"bundle-{version}", model, vocabulary_dir=root / "vocab", name="ctr")
+    catalog = root / "catalog.parquet"
+    pq.write_table(pa.table(catalog_rows()), catalog)
+    temp_dir = f"/tmp/rs-serve-{free_port()}"
+    with pytest.MonkeyPatch.context() as env, start_broker(state_dir=root / "broker") as broker:
+        env.setenv("RAY_AUTH_MODE", "disabled")
+        kafka = KafkaClientConfig(bootstrap_servers=broker.bootstrap_servers)
+        topics = TopicNames()
+        create_topics(kafka, topics, partitions=PARTITIONS)
+        cluster = cluster_up(num_cpus=2, port=free_port(), dashboard_port=free_port(), temp_dir=temp_dir)
+        try:
+            stack = Stack(kafka, topics, cluster.address, cluster.dashboard_url, free_port(), bundles, catalog, temp_dir)
+            stack.serve_up("v1")
+            yield stack
+        finally:
+            cluster_down(temp_dir)
+
+
+@dataclass
+class Exchange:
+    """Requests sent and every record that came back for them."""
+
+    sent: dict[str, tuple[int, int]] = field(default_factory=dict)  # auction id -> (partition, offset)
+    replies: dict[str, list] = field(default_factory=lambda: defaultdict(list))  # auction id -> ScoreReply list
+    errors: dict[bytes, list] = field(default_factory=lambda: defaultdict(list))  # original bytes -> ErrorReply list
+
+    def answered(self, keys: list[str | bytes]) -> bool:
+        return all(k in self.replies or k in self.errors for k in keys)
+
+
+def exchange(
+    stack: Stack, messages: list[tuple[str | None, bytes]], rate: float | None = None, timeout_s: float = 120.0,
+    during: tuple[float, callable] | None = None,
+) -> Exchange:
+    """Send ``messages`` (key, value) and collect replies until each has one (auction id
+    for keyed messages, original bytes for unkeyed ones); ``during`` = (seconds, action)
+    runs the action that long after sending started."""
+    result = Exchange()
+    consumer = stack.kafka.consumer(group_id=None, enable_auto_commit=False, fetch_max_wait_ms=20)
+    partitions = [TopicPartition(t, p) for t in (stack.topics.scores, stack.topics.dlq) for p in range(PARTITIONS)]
+    consumer.assign(partitions)
+    skip_to_end(consumer, partitions)
+    producer = stack.kafka.producer(linger_ms=2)
+    stopping = threading.Event()
+
+    def collect() -> None:
+        while not stopping.is_set():
+            for partition, records in consumer.poll(timeout_ms=50).items():
+                for record in records:
+                    if partition.topic == stack.topics.dlq:
+                        error = decode_error(record.value)
+                        result.errors[error.original].append(error)
+                    else:
+                        reply = decode_reply(record.value)
+                        result.replies[reply.auction_id].append(reply)
+
+    collector = threading.Thread(target=collect, daemon=True)
+    collector.start()
+    try:
+        futures = []
+        started = time.monotonic()
+        action_done = during is None
+        for n, (key, value) in enumerate(messages):
+            if rate is not None:
+                time.sleep(max(0.0, started + n / rate - time.monotonic()))
+            if not action_done and time.monotonic() - started >= during[0]:
+                during[1]()
+                action_done = True
+            futures.append((key, producer.send(stack.topics.auctions, key=key and key.encode(), value=value)))
+        producer.flush()
+        if not action_done:
+            during[1]()
+        for key, future in futures:
+            if key is not None:
+                metadata = future.get(timeout=30)
+                result.sent[key] = (metadata.partition, metadata.offset)
+        expected = [key if key is not None else value for key, value in messages]
+        deadline = time.monotonic() + timeout_s
+        while not result.answered(expected) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)  # late duplicates, if any, arrive now
+    finally:
+        stopping.set()
+        collector.join()
+        producer.close()
+        consumer.close()
+    return result
+
+
+def test_a_thousand_auctions_each_scored_once_exactly_as_offline(stack: Stack) -> None:
+    auctions = make_auctions(1000, seed=0, prefix="exact")
+    result = exchange(stack, auctions)
+    assert not result.errors
+    missing = [a for a, _ in auctions if a not in result.replies]
+    assert missing == []
+    assert {a: len(r) for a, r in result.replies.items() if len(r) != 1} == {}  # no duplicates
+    bundle = stack.bundles[stack.serving]
+    version = load_bundle(bundle).model_version
+    for auction_id, message in auctions:
+        reply = result.replies[auction_id][0]
+        expected = offline_scores(bundle, message)
+        np.testing.assert_allclose(reply.scores, expected, rtol=1e-5, atol=1e-5, err_msg=auction_id)
+        assert reply.model_version == version and reply.model == "ctr"
+        auction = decode_auction(message)
+        if auction.top_k is not None:
+            best = np.argsort(-expected, kind="stable")[: auction.top_k]
+            assert reply.top_k == [auction.item_ids[i] for i in best]
+
+
+def bad_corpus() -> dict[bytes, str]:
+    context = {"user": "u1", "hour": 3, "interests": ["art"]}
+    items = {"item_id": ["x"], "features": {"ad": ["ad1"]}}
+    good = encode_auction("bad-source", context, items)
+    return {
+        good[: len(good) // 2]: "malformed_msgpack",  # truncated
+        msgpack.packb([1, 2, 3]): "not_a_map",
+        encode_auction("bad-type", {"hour": [1, 2]}, items): "wrong_type",
+        encode_auction("bad-nan", {"user": "u1", "hour": float("nan")}, items): "non_finite",
+        msgpack.packb({"version": 1, "auction_id": "bad-noctx", "sent_at_ms": 1, "items": ["cat-1"]}): "missing_field",
+        encode_auction("bad-field", {"city": "Paris"}, items): "unknown_field",
+        encode_auction("bad-many", context, [f"cat-{i % CATALOG_SIZE}" for i in range(10_000)]): "too_many_items",
+        encode_auction("bad-model", context, items, model="no-such-model"): "unknown_model",
+        encode_auction("bad-catalog", context, ["cat-1", "not-in-catalog"]): "unknown_catalog_item",
+        encode_auction("bad-weight", {"interests": {"art": -1.0}}, items): "invalid_value",
+    }
+
+
+def test_every_bad_message_gets_its_reason_and_every_good_one_is_scored(stack: Stack) -> None:
+    replicas_before = stack.replicas()
+    bad = bad_corpus()
+    good = make_auctions(60, seed=1, prefix="mixed")
+    messages: list[tuple[str | None, bytes]] = []
+    for n, (auction_id, message) in enumerate(good):
+        messages.append((auction_id, message))
+        if n % 6 == 0 and n // 6 < len(bad):
+            messages.append((None, list(bad)[n // 6]))
+    result = exchange(stack, messages)
+    assert {original: [e.reason for e in errors] for original, errors in result.errors.items()} == {
+        original: [reason] for original, reason in bad.items()
+    }
+    ids = {"bad-type", "bad-nan", "bad-noctx", "bad-field", "bad-many", "bad-model", "bad-catalog", "bad-weight"}
+    assert {e[0].auction_id for e in result.errors.values()} - {None} == ids
+    assert sorted(result.replies) == sorted(a for a, _ in good)
+    bundle = stack.bundles[stack.serving]
+    for auction_id, message in good:
+        np.testing.assert_allclose(result.replies[auction_id][0].scores, offline_scores(bundle, message), atol=1e-5)
+    assert stack.replicas() == replicas_before  # no replica restarted
+
+
+def http(stack: Stack, path: str, body: bytes | None = None, content_type: str = "application/json") -> tuple[int, bytes]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{stack.http_port}{path}", data=body, method="POST" if body is not None else "GET",
+        headers={"Content-Type": content_type},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def test_http_scores_json_and_msgpack_and_answers_errors_exactly(stack: Stack) -> None:
+    bundle = stack.bundles[stack.serving]
+    auction_id, message = make_auctions(1, seed=7, prefix="http")[0]
+    as_json = json.dumps(msgpack.unpackb(message)).encode()
+    status, body = http(stack, "/score", as_json)
+    assert status == 200
+    reply = json.loads(body)
+    assert reply["auction_id"] == auction_id
+    np.testing.assert_allclose(reply["scores"], offline_scores(bundle, message), rtol=1e-5, atol=1e-5)
+    status, body = http(stack, "/score", message, "application/msgpack")
+    assert status == 200
+    np.testing.assert_allclose(decode_reply(body).scores, reply["scores"], rtol=1e-6)
+    assert http(stack, "/score", b"{not json") == (
+        400,
+        json.dumps({"auction_id": None, "reason": "malformed_json",
+                    "message": "cannot parse the JSON body: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"},
+                   separators=(",", ":")).encode(),
+    )
+    status, body = http(stack, "/score", json.dumps({"version": 1, "auction_id": "h", "sent_at_ms": 1, "context": {"city": 1},
+                                                      "items": ["cat-1"]}).encode())
+    assert status == 400 and json.loads(body)["reason"] == "unknown_field"
+    status, body = http(stack, "/healthz")
+    assert status == 200 and json.loads(body) == {
+        "status": "ok", "model": "ctr", "model_version": load_bundle(bundle).model_version, "consumer": "running"
+    }
+
+
+SCORED_SO_FAR = 1000 + 60 + 2  # by the tests above: exact, bad corpus, HTTP
+
+
+def test_serve_status_reports_the_scorer_metrics(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+    deadline = time.monotonic() + 60
+    while True:  # Ray exports metrics every few seconds
+        code = cli.main(["serve", "status", "--json", "--dashboard-url", stack.dashboard_url, "--address", stack.address])
+        assert code == 0
+        status = json.loads(capsys.readouterr().out)
+        if status["metrics"].get("auctions_scored_total", 0) >= SCORED_SO_FAR or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    assert status["status"] == "RUNNING"
+    assert status["deployments"]["Scorer"]["replicas"] == ["RUNNING"] * REPLICAS
+    metrics = status["metrics"]
+    assert metrics["auctions_scored_total"] == SCORED_SO_FAR
+    assert metrics["errors_total{reason=unknown_model}"] == 1
+    assert metrics["end_to_end_latency_ms_count"] == SCORED_SO_FAR
+    assert 0 < metrics["context_cache_hit_ratio"] <= 1
+
+
+def test_hot_reload_under_load_loses_nothing_and_switches_version_once(stack: Stack) -> None:
+    replicas_before = stack.replicas()
+    versions = {v: load_bundle(path).model_version for v, path in stack.bundles.items()}
+    auctions = make_auctions(1500, seed=2, prefix="reload")
+    result = exchange(stack, auctions, rate=150, during=(2.0, lambda: stack.serve_up("v2")))
+    assert [a for a, _ in auctions if a not in result.replies] == []
+    assert not result.errors
+    by_partition: dict[int, list[tuple[int, str]]] = defaultdict(list)
+    for auction_id, _ in auctions:
+        partition, offset = result.sent[auction_id]
+        by_partition[partition].extend((offset, r.model_version) for r in result.replies[auction_id])
+    for partition, scored in by_partition.items():
+        sequence = [version for _, version in sorted(scored)]
+        switches = sum(1 for a, b in zip(sequence, sequence[1:]) if a != b)
+        assert switches <= 1 and sequence[-1] == versions["v2"], partition
+    assert {r.model_version for replies in result.replies.values() for r in replies} == set(versions.values())
+    for auction_id, message in auctions[::50]:  # each reply equals offline scoring by the model it names
+        reply = result.replies[auction_id][0]
+        bundle = stack.bundles["v1" if reply.model_version == versions["v1"] else "v2"]
+        np.testing.assert_allclose(reply.scores, offline_scores(bundle, message), rtol=1e-5, atol=1e-5)
+    assert stack.replicas() == replicas_before  # reloaded in place
+
+
+def test_killing_a_replica_mid_stream_loses_no_auction(stack: Stack) -> None:
+    victim = next(iter(stack.replicas().values()))
+    auctions = make_auctions(1500, seed=3, prefix="kill")
+    result = exchange(stack, auctions, rate=150, during=(2.0, lambda: os.kill(victim, signal.SIGKILL)), timeout_s=240)
+    assert [a for a, _ in auctions if a not in result.replies] == []
+    duplicates = sum(len(r) - 1 for r in result.replies.values())
+    print(f"replica {victim} killed: 1500 auctions answered, {duplicates} duplicate replies")
+    assert victim not in stack.replicas().values()
+    assert len(stack.replicas()) == REPLICAS  # Serve replaced it

@@ -1,0 +1,186 @@
+"""The scorer's model runtime without Ray or Kafka: replies equal offline scoring of
+the bundle, the context cache changes no score, every bad message gets its reason,
+and catalog auctions are scored from the catalog parquet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from model_zoo.batch import join_context_items
+from model_zoo.bundle import save_bundle
+from model_zoo.context_cache import ContextCache
+from model_zoo.registry import KINDS, build_model
+from model_zoo.schema import FeatureSchema, FieldSpec, Kind, Role
+from model_zoo.vocab import FieldVocabulary, Vocabulary
+from serve_app.config import ModelConfig
+from serve_app.runtime import ScoringRuntime
+from streaming.encode import AuctionEncoder
+from streaming.protocol import ProtocolLimits, decode_error, decode_reply, encode_auction
+
+SCHEMA = FeatureSchema(
+    fields=(
+        FieldSpec(name="user", role=Role.context, vocab_size=8),
+        FieldSpec(name="hour", role=Role.context, vocab_size=6),
+        FieldSpec(name="tags", role=Role.context, kind=Kind.multi, vocab_size=6),
+        FieldSpec(name="advertiser", role=Role.item, vocab_size=6),
+        FieldSpec(name="genres", role=Role.item, kind=Kind.multi, vocab_size=7),
+    )
+)
+VOCABULARY = Vocabulary(
+    [
+        FieldVocabulary("user", ["u1", "u2", "u3", "u4", "u5", "u6"]),
+        FieldVocabulary("hour", ["12", "13", "14", "15"]),
+        FieldVocabulary("tags", ["sport", "news", "tech", "art"]),
+        FieldVocabulary("advertiser", ["acme", "globex", "initech", "umbrella"]),
+        FieldVocabulary("genres", ["drama", "comedy", "noir", "sf", "doc"]),
+    ]
+)
+ADVERTISERS = ["acme", "globex", "initech", "umbrella", "unseen-co", None]
+GENRES = ["drama", "comedy", "noir", "sf", "doc"]
+
+
+def random_auction(rng: np.random.Generator, auction_id: str, users: int = 6) -> bytes:
+    context = {
+        "user": f"u{rng.integers(1, users + 1)}",
+        "hour": int(rng.integers(12, 16)),
+        "tags": {t: float(rng.integers(1, 4)) for t in rng.choice(["sport", "news", "tech"], 2, replace=False)},
+    }
+    count = int(rng.integers(1, 12))
+    items = {
+        "item_id": [f"{auction_id}-{i}" for i in range(count)],
+        "features": {
+            "advertiser": [ADVERTISERS[i] for i in rng.integers(0, len(ADVERTISERS), count)],
+            "genres": [list(rng.choice(GENRES, int(rng.integers(0, 3)), replace=False)) for _ in range(count)],
+        },
+    }
+    return encode_auction(auction_id, context, items, sent_at_ms=1_000)
+
+
+def make_bundle(directory: Path, kind: str = "dplr_fwfm", seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    options = {"rank": 2} if "dplr" in kind or "pruned" in kind else {}
+    model = build_model(SCHEMA, kind, 4, **options)
+    vocab_dir = directory / "vocab-src"
+    VOCABULARY.save(vocab_dir)
+    return save_bundle(directory / kind, model, vocabulary_dir=vocab_dir)
+
+
+def offline_scores(runtime: ScoringRuntime, message: bytes) -> np.ndarray:
+    """The full forward of the bundle's model on the auction's joined rows."""
+    from streaming.protocol import decode_auction
+
+    context, items = AuctionEncoder(SCHEMA, VOCABULARY).encode(decode_auction(message))
+    with torch.no_grad():
+        return runtime.bundle.model(join_context_items(SCHEMA, context, items)).numpy()
+
+
+@pytest.mark.parametrize("cache_size", [0, 3, 1000])
+def test_replies_equal_the_full_forward_with_and_without_the_context_cache(tmp_path: Path, cache_size: int) -> None:
+    runtime = ScoringRuntime(ModelConfig(bundle=str(make_bundle(tmp_path))), context_cache_size=cache_size)
+    rng = np.random.default_rng(7)
+    messages = [random_auction(rng, f"a{i}", users=3) for i in range(60)]
+    replies = []
+    for start in range(0, len(messages), 16):  # later batches hit contexts cached by earlier ones
+        report = runtime.score_messages(messages[start : start + 16])
+        assert report.errors == {}
+        replies += report.replies
+    assert [r.auction_id for r in replies] == [f"a{i}" for i in range(60)]
+    for message, reply in zip(messages, replies):
+        decoded = decode_reply(reply.value)
+        np.testing.assert_allclose(decoded.scores, offline_scores(runtime, message), rtol=1e-5, atol=1e-5)
+        assert decoded.model_version == runtime.model_version
+        assert decoded.model == runtime.model_name
+    if cache_size >= 1000:
+        # 3 users x 4 hours x 3 tag pairs x weights: far fewer distinct contexts than auctions
+        assert 0.0 < runtime.context_cache.hit_ratio < 1.0
+        assert len(runtime.context_cache) == runtime.context_cache.lookups - runtime.context_cache.hits
+    if cache_size == 3:
+        assert len(runtime.context_cache) == 3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cached_context_states_score_like_fresh_ones_for_every_model(kind: str) -> None:
+    torch.manual_seed(3)
+    options = {"rank": 2} if "dplr" in kind or "pruned" in kind else {}
+    model = build_model(SCHEMA, kind, 4, **options).eval()
+    encoder = AuctionEncoder(SCHEMA, VOCABULARY)
+    rng = np.random.default_rng(11)
+    from streaming.protocol import decode_auction
+
+    cache = ContextCache(capacity=50)
+    for _ in range(3):
+        encoded = encoder.encode_many([decode_auction(random_auction(rng, f"x{i}", users=2)) for i in range(8)])
+        with torch.no_grad():
+            fresh = model.score_items(model.encode_context(encoded.context), encoded.items, encoded.item_context_index)
+            state, row_of_context = cache.encode(model.encode_context, encoded.context, encoded.context_keys())
+            reused = model.score_items(state, encoded.items, row_of_context[encoded.item_context_index])
+        torch.testing.assert_close(reused, fresh, rtol=1e-5, atol=1e-5)
+    assert cache.hits > 0
+
+
+def test_each_bad_message_gets_its_reason_and_the_good_ones_are_scored(tmp_path: Path) -> None:
+    runtime = ScoringRuntime(
+        ModelConfig(bundle=str(make_bundle(tmp_path))), limits=ProtocolLimits(max_items=20)
+    )
+    rng = np.random.default_rng(1)
+    good = [random_auction(rng, f"g{i}") for i in range(4)]
+    bad = {
+        b"\x85\xa7version": "malformed_msgpack",
+        encode_auction("b-type", {"user": ["u1", "u2"]}, [{"item_id": "i", "features": {}}]): "wrong_type",
+        encode_auction("b-nan", {"hour": float("nan")}, [{"item_id": "i", "features": {}}]): "non_finite",
+        encode_auction("b-field", {"city": "Paris"}, [{"item_id": "i", "features": {}}]): "unknown_field",
+        encode_auction("b-many", {}, [{"item_id": str(i), "features": {}} for i in range(21)]): "too_many_items",
+        encode_auction("b-model", {}, [{"item_id": "i", "features": {}}], model="other"): "unknown_model",
+        encode_auction("b-catalog", {}, ["i1", "i2"]): "catalog_unavailable",
+    }
+    messages = [good[0], *list(bad)[:4], good[1], good[2], *list(bad)[4:], good[3]]
+    sources = [{"topic": "auctions", "partition": 0, "offset": n} for n in range(len(messages))]
+    report = runtime.score_messages(messages, sources=sources)
+    assert len(report.replies) == len(messages)
+    assert report.auctions == 4
+    for offset, (message, reply) in enumerate(zip(messages, report.replies)):
+        if message in bad:
+            error = decode_error(reply.value)
+            assert error.reason == bad[message] == reply.reason.value
+            assert error.original == message
+            assert error.source == sources[offset]
+        else:
+            np.testing.assert_allclose(decode_reply(reply.value).scores, offline_scores(runtime, message), atol=1e-5)
+    assert report.errors == {reason: 1 for reason in bad.values()}
+
+
+def test_catalog_auctions_score_like_feature_auctions(tmp_path: Path) -> None:
+    catalog_path = tmp_path / "items.parquet"
+    item_ids = ["ad-1", "ad-2", "ad-3", 17]
+    advertiser = ["acme", "unseen-co", None, "umbrella"]
+    genres = [["drama", "sf"], [], ["noir"], ["doc", "comedy"]]
+    pq.write_table(
+        pa.table({"item_id": [str(i) for i in item_ids], "advertiser": advertiser, "genres": genres}), catalog_path
+    )
+    runtime = ScoringRuntime(ModelConfig(bundle=str(make_bundle(tmp_path)), catalog=str(catalog_path)))
+    context = {"user": "u2", "hour": 14, "tags": ["sport"]}
+    by_id = encode_auction("c", context, ["ad-3", "ad-1", "17"], top_k=2)
+    with_features = encode_auction(
+        "f",
+        context,
+        {"item_id": ["ad-3", "ad-1", "17"], "features": {"advertiser": [None, "acme", "umbrella"],
+                                                         "genres": [["noir"], ["drama", "sf"], ["doc", "comedy"]]}},
+    )
+    report = runtime.score_messages([by_id, with_features])
+    catalog_reply, feature_reply = (decode_reply(r.value) for r in report.replies)
+    np.testing.assert_allclose(catalog_reply.scores, feature_reply.scores, rtol=1e-5, atol=1e-6)
+    best = np.argsort(-np.asarray(feature_reply.scores))[:2]
+    assert catalog_reply.top_k == [["ad-3", "ad-1", "17"][i] for i in best]
+
+
+def test_a_catalog_with_unknown_columns_is_refused_at_load(tmp_path: Path) -> None:
+    catalog_path = tmp_path / "items.parquet"
+    pq.write_table(pa.table({"item_id": ["a"], "colour": ["red"]}), catalog_path)
+    with pytest.raises(ValueError, match="colour"):
+        ScoringRuntime(ModelConfig(bundle=str(make_bundle(tmp_path)), catalog=str(catalog_path)))
