@@ -46,6 +46,8 @@ def embedding_set_information_abundance(model: RankingModel) -> list[dict[str, f
 
 
 def embedding_tables(model: RankingModel) -> list[torch.Tensor]:
+    if hasattr(model, "embedding_tables"):  # models that hold their sets themselves (deep.py)
+        return model.embedding_tables()
     if isinstance(model, MultiEmbedding):
         return [m.embedding.vectors.weight for m in model.embedding_sets]
     return [model.embedding.vectors.weight]

@@ -8,10 +8,14 @@ from __future__ import annotations
 from typing import Any
 
 from model_zoo.models.base import RankingModel
+from model_zoo.models.dcnv2 import DCNv2
+from model_zoo.models.dnn import DNN
+from model_zoo.models.dp_mf import DPMF
 from model_zoo.models.dplr_fwfm import DPLRFwFM
 from model_zoo.models.fm import FM
 from model_zoo.models.fwfm import FwFM
 from model_zoo.models.multi_embedding import MultiEmbedding
+from model_zoo.models.nfwfm import NFwFM
 from model_zoo.models.pruned_fwfm import PrunedFwFM
 from model_zoo.models.rafm import RaFM
 from model_zoo.schema import FeatureSchema
@@ -22,9 +26,16 @@ MODELS: dict[str, type[RankingModel]] = {
     PrunedFwFM.kind: PrunedFwFM,
     DPLRFwFM.kind: DPLRFwFM,
     RaFM.kind: RaFM,
+    DPMF.kind: DPMF,
+    DNN.kind: DNN,
+    DCNv2.kind: DCNv2,
+    NFwFM.kind: NFwFM,
 }
 MULTI_EMBEDDING_BASES = (FM.kind, FwFM.kind, DPLRFwFM.kind)
+# Deep models hold their sets themselves (per-set interaction and first layer, shared rest).
+DEEP_MULTI_EMBEDDING_BASES = (DNN.kind, DCNv2.kind, NFwFM.kind)
 KINDS = tuple(MODELS) + tuple(f"me_{kind}" for kind in MULTI_EMBEDDING_BASES)
+KINDS += tuple(f"me_{kind}" for kind in DEEP_MULTI_EMBEDDING_BASES)
 
 
 def build_model(schema: FeatureSchema, kind: str, dim: int, **options: Any) -> RankingModel:
@@ -32,6 +43,8 @@ def build_model(schema: FeatureSchema, kind: str, dim: int, **options: Any) -> R
     if kind.startswith("me_") and kind[3:] in MULTI_EMBEDDING_BASES:
         sets = int(options.pop("sets", 2))
         return MultiEmbedding([MODELS[kind[3:]](schema, dim, **options) for _ in range(sets)])
+    if kind.startswith("me_") and kind[3:] in DEEP_MULTI_EMBEDDING_BASES:
+        return MODELS[kind[3:]](schema, dim, **{"sets": 2, **options})
     try:
         model_class = MODELS[kind]
     except KeyError:

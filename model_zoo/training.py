@@ -20,11 +20,11 @@ from torch import Tensor, nn
 
 from model_zoo.batch import FeatureBatch
 from model_zoo.metrics import primary_metric, task_metrics
-from model_zoo.models.base import RankingModel
+from model_zoo.models.base import RankingModel, TrainingOutputs
 from model_zoo.optim import FusedSparseAdagrad
 from model_zoo.schema import Task
 
-OptimizerName = Literal["adagrad", "sparse_adam", "adam", "sgd"]
+OptimizerName = Literal["adagrad", "rowwise_adagrad", "sparse_adam", "adam", "sgd"]
 
 
 class TrainConfig(BaseModel):
@@ -39,8 +39,8 @@ class TrainConfig(BaseModel):
 
 
 def uses_sparse_gradients(optimizer: OptimizerName) -> bool:
-    """Adagrad, SparseAdam and SGD take sparse embedding gradients (only looked-up rows)."""
-    return optimizer in ("adagrad", "sparse_adam", "sgd")
+    """Adagrad (both kinds), SparseAdam and SGD take sparse embedding gradients (only looked-up rows)."""
+    return optimizer in ("adagrad", "rowwise_adagrad", "sparse_adam", "sgd")
 
 
 def build_optimizers(model: nn.Module, config: TrainConfig) -> list[torch.optim.Optimizer]:
@@ -51,6 +51,11 @@ def build_optimizers(model: nn.Module, config: TrainConfig) -> list[torch.optim.
         if all(p.device.type == "cpu" for p in parameters):
             return [FusedSparseAdagrad(parameters, lr=lr)]
         return [torch.optim.Adagrad(parameters, lr=lr)]
+    if config.optimizer == "rowwise_adagrad":
+        # One accumulator per table row (FBGEMM's row-wise Adagrad); its kernel is CPU-only.
+        if any(p.device.type != "cpu" for p in parameters):
+            raise ValueError("rowwise_adagrad runs on CPU parameters only")
+        return [FusedSparseAdagrad(parameters, lr=lr, rowwise=True)]
     if config.optimizer == "sgd":
         return [torch.optim.SGD(parameters, lr=lr)]
     if config.optimizer == "adam":
@@ -85,9 +90,11 @@ def predict(model: RankingModel, batches: Iterable[FeatureBatch]) -> tuple[np.nd
     model.eval()
     labels, outputs = [], []
     for batch in batches:
-        outputs.append(model(batch).numpy())
-        labels.append(batch.label.numpy())
+        outputs.append(model(batch).cpu().numpy())
+        labels.append(batch.label.cpu().numpy())
     model.train(was_training)
+    if not labels:  # e.g. a worker's empty shard of a small split
+        return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.float32)
     return np.concatenate(labels), np.concatenate(outputs)
 
 
@@ -113,23 +120,42 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, model: RankingModel, config: TrainConfig):
+    def __init__(
+        self, model: RankingModel, config: TrainConfig,
+        training_outputs: Callable[[FeatureBatch], TrainingOutputs] | None = None,
+    ):
+        """``training_outputs`` replaces ``model.training_outputs``: a DDP wrapper's
+        forward, so its gradient hooks run."""
         self.model = model
         self.config = config
+        self.training_outputs = training_outputs or model.training_outputs
         self.optimizers = build_optimizers(model, config)
         self.loss = loss_function(model.schema.task)
         self.metric, self.higher_is_better = primary_metric(model.schema.task)
+        # Wall time of each phase of ``step`` (on CPU; GPU kernels run asynchronously).
+        self.phase_seconds = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
 
-    def step(self, batch: FeatureBatch) -> Tensor:
-        step = self.model.training_outputs(batch)
+    def batch_loss(self, batch: FeatureBatch) -> Tensor:
+        """The forward half of a step: the training loss of one batch."""
+        step = self.training_outputs(batch)
         loss = self.loss(step.outputs, batch.label) + step.auxiliary_loss
         if self.config.l2 > 0:
             loss = loss + self.config.l2 * step.row_sq_norm / len(batch)
+        return loss
+
+    def step(self, batch: FeatureBatch) -> Tensor:
+        started = time.perf_counter()
+        loss = self.batch_loss(batch)
+        forward_done = time.perf_counter()
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        backward_done = time.perf_counter()
         for optimizer in self.optimizers:
             optimizer.step()
+        self.phase_seconds["forward"] += forward_done - started
+        self.phase_seconds["backward"] += backward_done - forward_done
+        self.phase_seconds["optimizer"] += time.perf_counter() - backward_done
         return loss.detach()
 
     def fit(

@@ -27,6 +27,7 @@ from model_zoo.models.pruned_fwfm import PrunedFwFM
 from model_zoo.registry import build_model
 from model_zoo.runtime import retain_freed_memory
 from model_zoo.schema import FeatureSchema, FieldSpec, Role
+from rayjobs.bench import write_results
 
 MODELS = ("dplr_fwfm", "dplr_catalog", "pruned_fwfm", "fwfm", "fm")
 RANKED = {"dplr_fwfm", "dplr_catalog", "pruned_fwfm"}
@@ -171,12 +172,7 @@ def handle(args: argparse.Namespace) -> int:
             f"{r.model:13s}{rank:8s} items {r.items:6d} context {r.context_fields:3d}: "
             f"median {r.median_ms:8.3f} ms (min {r.min_ms:.3f}, max {r.max_ms:.3f})"
         )
-    json_path = Path(args.json)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps([r.model_dump() for r in records], indent=2) + "\n")
-    plot_path = json_path.with_suffix(".png")
-    plot(records, plot_path)
-    print(f"wrote {json_path} and {plot_path}")
+    write_results(args.json, json.dumps([r.model_dump() for r in records], indent=2) + "\n", lambda path: plot(records, path))
     return 0
 
 

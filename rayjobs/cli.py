@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 # One module per subcommand group; the order is the order of `rankstream --help`.
 COMMAND_MODULES = [
@@ -16,7 +17,10 @@ COMMAND_MODULES = [
     "rayjobs.produce",
     "rayjobs.prepare",
     "rayjobs.synth",
+    "rayjobs.train",
+    "rayjobs.tune",
     "rayjobs.bench",
+    "rayjobs.experiment",
 ]
 
 
@@ -43,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         # Users get one clear line, not a traceback, for bad paths and bad arguments.
         print(f"rankstream {args.command}: error: {error}", file=sys.stderr)
         return 2
+
+
+def run_module(command: list[str]) -> NoReturn:
+    """``python -m rayjobs.<module> ARGS`` runs ``rankstream <command> ARGS``: the form Ray
+    job entrypoints use, with the same parser and error handling."""
+    sys.exit(main([*command, *sys.argv[1:]]))
 
 
 if __name__ == "__main__":

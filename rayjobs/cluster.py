@@ -21,6 +21,8 @@ from pathlib import Path
 
 import psutil
 
+from streaming.broker import free_port
+
 DEFAULT_TEMP_DIR = "/tmp/rankstream-ray"  # short: Ray's socket paths must stay under 108 bytes
 
 
@@ -32,12 +34,14 @@ class LocalCluster:
 
 
 def ray_environment() -> dict[str, str]:
-    """The environment Ray commands run with: this venv first on PATH, and auth mode
-    pinned so a token left in ~/.ray by an earlier local ray.init() cannot switch
-    the head to token auth behind the user's back."""
+    """The environment Ray commands run with: this venv first on PATH, and token auth off
+    (the dashboard and job API listen on 127.0.0.1 only), so a token left in ~/.ray by an
+    earlier local ray.init() cannot switch the head to token auth behind the user's back."""
     environment = dict(os.environ)
     environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment.get('PATH', '')}"
-    environment.setdefault("RAY_AUTH_MODE", "disabled")
+    # Forced: an in-process ray.init() sets RAY_AUTH_MODE=token in os.environ, and a head
+    # started with it answers the local dashboard and job API with 401 only.
+    environment["RAY_AUTH_MODE"] = "disabled"
     return environment
 
 
@@ -55,6 +59,8 @@ def cluster_up(num_cpus: int, port: int, dashboard_port: int, temp_dir: str) -> 
         f"--num-cpus={num_cpus}", f"--port={port}",
         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
         "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        # Its default (52365) is fixed: a second cluster on the machine would have no job agent.
+        f"--dashboard-agent-listen-port={free_port()}",
     ]
     result = subprocess.run(command, env=ray_environment(), capture_output=True, text=True)
     if result.returncode != 0:

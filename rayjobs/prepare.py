@@ -109,3 +109,9 @@ def print_summary(out: Path, stats: dict) -> None:
     malformed = stats["malformed"]
     print(f"  malformed rows skipped: {malformed['total']:,}"
           + (f" {malformed['by_reason']}" if malformed["total"] else ""))
+
+
+if __name__ == "__main__":
+    from rayjobs.cli import run_module
+
+    run_module(["prepare"])

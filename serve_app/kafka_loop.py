@@ -11,9 +11,10 @@ like Kafka's static membership. Replica count and partitions are re-read every f
 seconds, so scaling the deployment re-spreads the partitions.
 
 Per poll: score the batch (``score`` uses one model for a whole batch, so a hot reload
-swaps models between batches, never inside one), send every reply, ``flush``
-until the broker acknowledged them all, and only then commit the batch's offsets —
-at-least-once: a crash before the commit makes the group redeliver, never lose.
+swaps models between batches, never inside one), send every reply, ``flush`` until
+the broker acknowledged them all, and only then commit the batch's offsets
+(asynchronously, so the next batch is scored meanwhile) — at-least-once: a crash
+before the commit makes the replacement score the batch again, never lose it.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from functools import partial
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from serve_app.runtime import BatchReport
@@ -35,6 +37,8 @@ logger = logging.getLogger("ray.serve")  # the replica's log file and the dashbo
 
 LAG_REFRESH_S = 1.0
 ASSIGNMENT_REFRESH_S = 5.0
+# Tansu answers a fetch only when its max wait is over, data or not: this bounds each hop.
+FETCH_MAX_WAIT_MS = 5
 
 
 class KafkaLoop(threading.Thread):
@@ -80,9 +84,10 @@ class KafkaLoop(threading.Thread):
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=self.max_poll_records,
-            fetch_max_wait_ms=20,
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         )
         producer = self.kafka.producer(linger_ms=1)
+        flushed: dict[TopicPartition, OffsetAndMetadata] = {}  # next offsets whose replies are acknowledged
         try:
             lag_refreshed = assignment_refreshed = 0.0
             while not self.stopping.is_set():
@@ -91,15 +96,17 @@ class KafkaLoop(threading.Thread):
                     assignment_refreshed = time.monotonic()
                 polled = consumer.poll(timeout_ms=100) if consumer.assignment() else {}
                 if polled:
-                    self._process(consumer, producer, polled)
+                    flushed.update(self._process(consumer, producer, polled))
                 elif not consumer.assignment():
                     time.sleep(0.1)  # more replicas than partitions: this one idles
                 if time.monotonic() - lag_refreshed > LAG_REFRESH_S:
                     self.on_lag(_lag(consumer))
                     lag_refreshed = time.monotonic()
+            if flushed:
+                consumer.commit(flushed)  # the asynchronous commits may still be in flight
         finally:
             try:
-                consumer.close(autocommit=False)  # everything processed is committed already
+                consumer.close(autocommit=False)
             finally:
                 producer.close()
 
@@ -113,7 +120,10 @@ class KafkaLoop(threading.Thread):
             consumer.assign(sorted(wanted))
             logger.info("replica %d of %d reads partitions %s", rank, replicas, sorted(p.partition for p in wanted))
 
-    def _process(self, consumer: Any, producer: Any, polled: dict[TopicPartition, list[Any]]) -> None:
+    def _process(
+        self, consumer: Any, producer: Any, polled: dict[TopicPartition, list[Any]]
+    ) -> dict[TopicPartition, OffsetAndMetadata]:
+        """Score, reply, and commit a polled batch; returns the offsets committed."""
         received_at = now_ms()
         records = [record for batch in polled.values() for record in batch]
         report = self.score(
@@ -127,13 +137,17 @@ class KafkaLoop(threading.Thread):
             producer.send(topic, key=key, value=reply.value)
         producer.flush()  # raises if a reply could not be written: nothing is committed then
         offsets = {tp: OffsetAndMetadata(batch[-1].offset + 1, "", -1) for tp, batch in polled.items()}
-        try:
-            consumer.commit(offsets)
-            self.committed += len(records)
-        except CommitFailedError:
-            # The next owner of these partitions re-scores the batch (a duplicate reply,
-            # which consumers drop by auction id); nothing is lost.
-            logger.warning("commit failed; %d messages will be redelivered", len(records))
+        # Asynchronous: the next batch is scored meanwhile. Commits of one partition are
+        # in order; one that fails leaves its batch to be re-scored after a restart
+        # (a duplicate reply, which consumers drop by auction id), never lost.
+        consumer.commit_async(offsets, callback=partial(self._on_commit, len(records)))
+        return offsets
+
+    def _on_commit(self, count: int, offsets: object, result: object) -> None:
+        if isinstance(result, Exception):
+            logger.warning("commit failed (%s); %d messages may be scored again", result, count)
+        else:
+            self.committed += count
 
 
 def _lag(consumer: Any) -> dict[int, int]:

@@ -339,7 +339,7 @@ def run_load(
     if load.count > len(messages) and any(isinstance(m, RawMessage) for m in messages):
         raise ValueError("raw messages are sent once: count may not exceed the number of messages")
     reply_topic = load.reply_topic or topics.scores
-    consumer = config.consumer(enable_auto_commit=False, group_id=None, fetch_max_wait_ms=20)
+    consumer = config.consumer(enable_auto_commit=False, group_id=None, fetch_max_wait_ms=5)
     producer = collector = None
     try:
         partitions = []

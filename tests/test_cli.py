@@ -32,9 +32,3 @@ def test_bench_rejects_unknown_model(tmp_path, capsys):
     code = main(["bench", "scoring", "--json", str(tmp_path / "x.json"), "--models", "nope"])
     assert code == 2
     assert "unknown models ['nope']" in capsys.readouterr().err
-
-
-def test_demo_trains_and_ranks(capsys):
-    assert main(["demo", "--rows", "8000", "--epochs", "1", "--items", "300"]) == 0
-    out = capsys.readouterr().out
-    assert "best validation AUC" in out and "top score matches: True" in out

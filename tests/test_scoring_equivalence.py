@@ -4,7 +4,7 @@ the joined rows, for every model, on random schemas with multi-valued fields."""
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from model_zoo.batch import FeatureBatch, join_context_items
@@ -15,6 +15,7 @@ from model_zoo.registry import build_model
 from model_zoo.schema import FeatureSchema, FieldSpec, Kind, Role
 
 CATALOG_KINDS = ["fm", "fwfm", "pruned_fwfm", "dplr_fwfm", "me_fm", "me_fwfm", "me_dplr_fwfm"]
+CATALOG_KINDS += ["dp_mf"]  # schemas without a single-valued context and item field are skipped
 KINDS = CATALOG_KINDS + ["rafm"]
 
 
@@ -57,6 +58,11 @@ def random_model(kind: str, schema: FeatureSchema, rank: int, seed: int) -> Rank
         full = build_model(schema, "fwfm", dim)
         perturb(full)
         model = PrunedFwFM.from_fwfm(full, rank)
+    elif kind == "dp_mf":
+        assume(any(f.kind == Kind.single for f in schema.fields if f.role == Role.context))
+        assume(any(f.kind == Kind.single for f in schema.fields if f.role == Role.item))
+        model = build_model(schema, kind, dim)
+        perturb(model)
     elif kind == "rafm":
         ranks = [2, 3, 4][: 1 + rank % 3]
         model = build_model(schema, kind, ranks[-1], ranks=ranks, thresholds=[5, 50][: len(ranks) - 1])

@@ -18,7 +18,7 @@ from model_zoo.context_cache import ContextCache
 from model_zoo.registry import KINDS, build_model
 from model_zoo.schema import FeatureSchema, FieldSpec, Kind, Role
 from model_zoo.vocab import FieldVocabulary, Vocabulary
-from serve_app.config import ModelConfig
+from serve_app.config import ModelConfig, ScorerArgs
 from serve_app.runtime import ScoringRuntime
 from streaming.encode import AuctionEncoder
 from streaming.protocol import ProtocolLimits, decode_error, decode_reply, encode_auction
@@ -184,3 +184,25 @@ def test_a_catalog_with_unknown_columns_is_refused_at_load(tmp_path: Path) -> No
     pq.write_table(pa.table({"item_id": ["a"], "colour": ["red"]}), catalog_path)
     with pytest.raises(ValueError, match="colour"):
         ScoringRuntime(ModelConfig(bundle=str(make_bundle(tmp_path)), catalog=str(catalog_path)))
+
+
+def test_serve_config_file_is_what_serve_up_deploys() -> None:
+    """cluster/serve_config.yaml stays in sync with `rankstream serve up`'s config."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from rayjobs.serve import serve_config
+    from serve_app.app import Scorer
+
+    path = Path(__file__).resolve().parents[1] / "cluster" / "serve_config.yaml"
+    config = yaml.safe_load(path.read_text())
+    ServeDeploySchema.model_validate(config)
+    (application,) = config["applications"]
+    args = ScorerArgs.model_validate(application["args"])
+    (deployment,) = application["deployments"]
+    model = ModelConfig.model_validate(deployment["user_config"])
+    generated = serve_config(args, model, config["http_options"]["host"], config["http_options"]["port"])
+    (generated_application,) = generated["applications"]
+    assert ScorerArgs.model_validate(generated_application.pop("args")) == args  # the file may omit defaults
+    assert generated == {**config, "applications": [{k: v for k, v in application.items() if k != "args"}]}
+    assert deployment["name"] == Scorer.name and deployment["num_replicas"] == args.num_replicas

@@ -15,7 +15,10 @@ Training adds the distillation term: the model truncated at level l,
 frequent features learn to stand in for their higher-level ones.
 
 Cached ranking: every FM_l term splits into context and item sums, so per auction the
-context sums (S, ‖·‖² totals) per level and threshold are cached.
+context sums (S, ‖·‖² totals) per level and threshold are cached. Items are scored from
+compacted tables: per (level l, set S_t) only the rows of features at level ≥ t, every
+other feature mapped to one shared zero row, so scoring an item reads k_l floats per
+feature in S_l — the Σ_l k_l|S_l| cost — plus a hot zero row for the rest.
 
 Storage note: each level keeps a full table (vocabulary × k_l) so that bundles load by
 shape alone; ``effective_parameters`` counts what the model uses (k_l per feature at
@@ -29,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model_zoo.batch import FeatureBatch
@@ -160,7 +164,7 @@ class RaFM(RankingModel):
         self.check_items(state, items)
         score = rows_for(context_index, state.scalar) + self._linear(items)
         for level in range(len(self.ranks)):
-            item_sums = self._level_sums(items, level)
+            item_sums = self._compact_level_sums(items, level)
             for sign, (context_total, context_squares), (item_total, item_squares) in zip(
                 (1.0, -1.0), state.sums[2 * level : 2 * level + 2], item_sums
             ):
@@ -168,6 +172,43 @@ class RaFM(RankingModel):
                 squares = rows_for(context_index, context_squares) + item_squares
                 score = score + sign * 0.5 * (total.square().sum(-1) - squares)
         return score
+
+    def _compact_tables(self) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Per (level, threshold t): global row -> compact row (0 for features below t),
+        the (n_t + 1, k_l) vectors of features at level ≥ t after a zero row, and their
+        (n_t + 1, 1) squared norms."""
+
+        def build() -> list[tuple[Tensor, Tensor, Tensor]]:
+            tables = []
+            for level, table in enumerate(self.levels):
+                weight = table.vectors.weight
+                for threshold in (level + 1, level + 2):
+                    keep = self.feature_levels >= threshold
+                    remap = torch.zeros(len(keep), dtype=torch.int64)
+                    remap[keep] = torch.arange(1, int(keep.sum()) + 1)
+                    vectors = torch.cat([weight.new_zeros((1, table.dim)), weight[keep]])
+                    tables.append((remap, vectors, vectors.square().sum(-1, keepdim=True)))
+            return tables
+
+        return self.cached("compact_tables", build)
+
+    def _compact_level_sums(self, batch: FeatureBatch, level: int) -> list[tuple[Tensor, Tensor]]:
+        """``_level_sums`` from the compacted tables (scoring only: no gradients)."""
+        table = self.levels[level]
+        rows = table.global_rows(batch)
+        sums = []
+        for remap, vectors, squared_norms in self._compact_tables()[2 * level : 2 * level + 2]:
+            compact = remap[rows]
+            total = F.embedding_bag(compact, vectors, mode="sum")
+            squares = F.embedding_bag(compact, squared_norms, mode="sum").squeeze(-1)
+            for name, bag in zip(batch.bag_fields, batch.bags):
+                field_vector = F.embedding_bag(
+                    remap[table.bag_rows(name, bag)], vectors, mode="sum", per_sample_weights=normalised_weights(bag)
+                )
+                total = total + field_vector
+                squares = squares + field_vector.square().sum(-1)
+            sums.append((total, squares))
+        return sums
 
     def hyperparameters(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,197 @@
+"""``rankstream experiment table1``: the DPLR-FwFM paper's Table 1 protocol on a prepared
+dataset.
+
+For each embedding dim: FM, FwFM and DPLR ranks ρ, each with its learning rate chosen
+on validation from a grid (one Ray Tune run); then the pruned FwFM of each rank — the
+validation-best FwFM of that dim keeping its ρ(m+1) largest |R_ij| (the paper's
+parameter match), fine-tuned with its own learning rate grid (a second Tune run; the
+un-fine-tuned pruned model, epoch 0, competes on validation too). Every number is the
+test metric at the best validation point of the selected trial; a second table shows
+the pruned models as cut, without fine-tuning. The last column per dim
+is the paper's "DPLR vs Pruned (%)": the relative improvement of DPLR over the pruned
+model, positive when DPLR is better (higher AUC, lower logloss/MSE/RMSE).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file
+
+from model_zoo.data.layout import STATS_FILE
+from model_zoo.metrics import primary_metric
+from model_zoo.models.pruned_fwfm import kept_entry_count
+from model_zoo.schema import Task
+from rayjobs.tune import (
+    WEIGHTS_FILE,
+    Splits,
+    SweepSettings,
+    TrialRecord,
+    add_ray_arguments,
+    architectures,
+    load_splits,
+    ray_session,
+    run_trials,
+)
+
+HIGHER_IS_BETTER = {"auc": True, "logloss": False, "mse": False, "rmse": False}
+METRIC_LABELS = {"auc": "AUC", "logloss": "LogLoss", "mse": "MSE", "rmse": "RMSE"}
+
+
+def task_metric_names(task: Task) -> tuple[str, ...]:
+    return ("auc", "logloss") if task == Task.binary else ("mse", "rmse")
+
+
+def dplr_vs_pruned_pct(metric: str, dplr: float, pruned: float) -> float:
+    """The paper's last column: DPLR's relative improvement over the pruned model, in %."""
+    change = (dplr - pruned) / pruned * 100.0
+    return change if HIGHER_IS_BETTER[metric] else -change
+
+
+def best_per_model(records: list[TrialRecord], metric: str, higher_is_better: bool) -> dict[tuple, TrialRecord]:
+    """The validation-best trial of each (kind, dim, rank): the tuned learning rate."""
+    best: dict[tuple, TrialRecord] = {}
+    for record in records:
+        key = (record.kind, record.dim, record.rank)
+        value, incumbent = record.valid[metric], best.get(key)
+        if incumbent is None or (value > incumbent.valid[metric] if higher_is_better else value < incumbent.valid[metric]):
+            best[key] = record
+    return best
+
+
+def table_rows(
+    selected: dict[tuple, TrialRecord], task: Task, num_fields: int, dims: list[int], ranks: list[int]
+) -> list[dict[str, Any]]:
+    """One row per (metric, rank), test metrics per dim, in the paper's layout."""
+    pairs = num_fields * (num_fields - 1) // 2
+    rows = []
+    for metric in task_metric_names(task):
+        for rank in ranks:
+            per_dim = {}
+            for dim in dims:
+                values = {
+                    "fm": selected[("fm", dim, None)].test[metric],
+                    "fwfm": selected[("fwfm", dim, None)].test[metric],
+                    "dplr": selected[("dplr_fwfm", dim, rank)].test[metric],
+                    "pruned": selected[("pruned_fwfm", dim, rank)].test[metric],
+                }
+                values["dplr_vs_pruned_pct"] = dplr_vs_pruned_pct(metric, values["dplr"], values["pruned"])
+                as_cut = selected[("pruned_fwfm", dim, rank)].initial_test.get(metric)
+                if as_cut is not None:
+                    values["pruned_as_cut"] = as_cut
+                    values["dplr_vs_pruned_as_cut_pct"] = dplr_vs_pruned_pct(metric, values["dplr"], as_cut)
+                per_dim[str(dim)] = values
+            kept = kept_entry_count(num_fields, rank)
+            rows.append(
+                {"metric": metric, "rank": rank, "kept_entries": kept, "pruned_sparsity_pct": 100.0 * kept / pairs,
+                 "dims": per_dim}
+            )  # fmt: skip
+    return rows
+
+
+def markdown(name: str, rows: list[dict[str, Any]], dims: list[int], pruned: str = "pruned") -> str:
+    """The paper's layout; ``pruned="pruned_as_cut"`` shows the pruned models before fine-tuning."""
+    header = ["Dataset (Metric)", "Rank", "Pruned sparsity"]
+    for dim in dims:
+        header += [f"FM k={dim}", f"FwFM k={dim}", f"DPLR k={dim}", f"Pruned k={dim}", f"DPLR vs Pruned (%) k={dim}"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    previous = None
+    for row in rows:
+        title = f"{name} ({METRIC_LABELS[row['metric']]})" if row["metric"] != previous else ""
+        previous = row["metric"]
+        cells = [title, str(row["rank"]), f"{row['pruned_sparsity_pct']:.1f}%"]
+        for dim in dims:
+            values = row["dims"][str(dim)]
+            numbers = [values["fm"], values["fwfm"], values["dplr"], values[pruned], values[f"dplr_vs_{pruned}_pct"]]
+            cells += [f"{v:.4f}" for v in numbers[:4]] + [f"{numbers[4]:.2f}%"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def fwfm_states(selected: dict[tuple, TrialRecord], dims: list[int]) -> dict[int, dict[str, Any]]:
+    """The validation-best FwFM weights of each dim: what the pruned models prune."""
+    return {dim: load_file(str(Path(selected[("fwfm", dim, None)].checkpoint) / WEIGHTS_FILE)) for dim in dims}
+
+
+def run_table1(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    splits: Splits = load_splits(args.data)
+    settings = SweepSettings(
+        epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, l2=args.l2, patience=args.patience,
+        seed=args.seed, cpus_per_trial=args.cpus_per_trial,
+    )  # fmt: skip
+    metric, higher_is_better = primary_metric(splits.schema.task)
+    from ray import tune
+
+    storage = out / "ray_results"
+    with ray_session(args.address, args.num_cpus):
+        full = run_trials(
+            splits, settings,
+            {"arch": tune.grid_search(architectures(["fm", "fwfm", "dplr_fwfm"], args.dims, args.ranks)),
+             "learning_rate": tune.grid_search(args.lr_grid)},
+            storage=storage, name="table1-full",
+        )  # fmt: skip
+        selected = best_per_model(full, metric, higher_is_better)
+        pruned = run_trials(
+            splits, settings,
+            {"arch": tune.grid_search(architectures(["pruned_fwfm"], args.dims, args.ranks)),
+             "learning_rate": tune.grid_search(args.lr_grid)},
+            storage=storage, name="table1-pruned", fwfm_states=fwfm_states(selected, args.dims),
+        )  # fmt: skip
+    selected.update(best_per_model(pruned, metric, higher_is_better))
+    name = args.name or _dataset_name(Path(args.data))
+    rows = table_rows(selected, splits.schema.task, splits.schema.num_fields, args.dims, args.ranks)
+    table = (
+        markdown(name, rows, args.dims)
+        + "\nThe same with the pruned FwFM as cut from the FwFM, before fine-tuning:\n\n"
+        + markdown(name, rows, args.dims, pruned="pruned_as_cut")
+    )
+    seconds = time.perf_counter() - started
+    report = {
+        "dataset": name, "data": str(Path(args.data).resolve()), "task": splits.schema.task.value,
+        "num_fields": splits.schema.num_fields, "selection_metric": metric,
+        "rows_per_split": {"train": len(splits.train), "valid": len(splits.valid), "test": len(splits.test)},
+        "settings": {**settings.model_dump(), "dims": args.dims, "ranks": args.ranks, "lr_grid": args.lr_grid},
+        "seconds": seconds, "rows": rows,
+        "selected": [record.model_dump() for record in selected.values()],
+        "trials": [record.model_dump() for record in full + pruned],
+    }  # fmt: skip
+    (out / "table1.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "table1.md").write_text(table)
+    print(table)
+    print(f"{len(full) + len(pruned)} trials in {seconds:.0f} s; wrote {out}/table1.md and {out}/table1.json")
+    return 0
+
+
+def _dataset_name(directory: Path) -> str:
+    stats = directory / STATS_FILE
+    dataset = json.loads(stats.read_text()).get("dataset") if stats.is_file() else None
+    return str(dataset or directory.name)
+
+
+def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--data", required=True, help="a prepared dataset (rankstream prepare / synth)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--name", help="dataset name in the table (default: stats.json's dataset, else the directory)")
+    parser.add_argument("--dims", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    parser.add_argument("--lr-grid", type=float, nargs="+", default=[0.01, 0.03, 0.1], help="learning rates tried per model")
+    add_ray_arguments(parser)
+    parser.set_defaults(func=run_table1)
+    return parser
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    build_parser(subparsers.add_parser("table1", help="the DPLR-FwFM paper's Table 1: FM, FwFM, DPLR, pruned FwFM"))
+
+
+if __name__ == "__main__":
+    from rayjobs.cli import run_module
+
+    run_module(["experiment", "table1"])

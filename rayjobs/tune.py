@@ -1,0 +1,495 @@
+"""``rankstream tune``: a Ray Tune sweep over rank ρ × embedding size k × learning rate
+with ASHA early stopping, then per trial the measured per-item scoring cost, the Pareto
+front of accuracy vs cost (table + PNG) and the best trial exported as a bundle.
+
+Trials are plain function trainables that train in-process with ``model_zoo.training``
+on the prepared splits, which are loaded once and shared through the object store (the
+platform notes measured Train-in-Tune at ~4× the per-trial cost on 2 cores). Each trial
+reports the validation metric every epoch and checkpoints its weights whenever they
+improve, so its single kept checkpoint is its best model.
+
+    python -m rayjobs.tune --data DIR --out DIR          # or: rankstream tune …
+    ray job submit --working-dir . -- python -m rayjobs.tune --data /abs/DIR --out /abs/OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from pydantic import BaseModel, Field
+from safetensors.torch import load_file, save_file
+
+from model_zoo.batch import FeatureBatch
+from model_zoo.bundle import save_bundle
+from model_zoo.data.layout import VOCAB_DIR, load_schema
+from model_zoo.data.reader import load_split
+from model_zoo.metrics import primary_metric
+from model_zoo.models.base import RankingModel
+from model_zoo.models.fwfm import FwFM
+from model_zoo.models.pruned_fwfm import PrunedFwFM
+from model_zoo.registry import build_model
+from model_zoo.schema import FeatureSchema, Task
+from model_zoo.training import EpochReport, TrainConfig, evaluate, fit_in_memory, minibatches, uses_sparse_gradients
+from rayjobs.bench_scoring import time_auction
+
+TUNABLE_KINDS = ("fm", "fwfm", "dplr_fwfm")  # pruned_fwfm needs a trained FwFM: see `experiment table1`
+RANKED_KINDS = ("dplr_fwfm", "pruned_fwfm")
+WEIGHTS_FILE = "weights.safetensors"
+
+
+class SweepSettings(BaseModel):
+    """Training settings every trial of a sweep shares (the learning rate is swept)."""
+
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=1024, ge=1)
+    optimizer: str = "adagrad"
+    l2: float = Field(default=0.0, ge=0)
+    patience: int = Field(default=2, ge=1)
+    seed: int = 0
+    cpus_per_trial: float = Field(default=1.0, gt=0)
+
+    def train_config(self, learning_rate: float) -> TrainConfig:
+        return TrainConfig(
+            epochs=self.epochs, batch_size=self.batch_size, optimizer=self.optimizer, learning_rate=learning_rate,
+            l2=self.l2, patience=self.patience, seed=self.seed,
+        )  # fmt: skip
+
+
+class TrialRecord(BaseModel):
+    """One finished trial: its configuration and its best validation point."""
+
+    trial_id: str
+    kind: str
+    dim: int
+    rank: int | None
+    learning_rate: float
+    epochs_run: int
+    best_epoch: int
+    valid: dict[str, float]
+    test: dict[str, float]
+    parameters: int
+    checkpoint: str | None
+    # A pruned FwFM as cut from its FwFM, before fine-tuning (empty for other kinds).
+    initial_valid: dict[str, float] = Field(default_factory=dict)
+    initial_test: dict[str, float] = Field(default_factory=dict)
+    scoring_us_per_item: float | None = None
+    pareto: bool = False
+
+
+@dataclass(frozen=True)
+class Splits:
+    schema: FeatureSchema
+    train: FeatureBatch
+    valid: FeatureBatch
+    test: FeatureBatch
+
+
+def load_splits(directory: str | Path) -> Splits:
+    return Splits(load_schema(directory), *(load_split(directory, split) for split in ("train", "valid", "test")))
+
+
+def architectures(kinds: list[str], dims: list[int], ranks: list[int]) -> list[dict[str, Any]]:
+    """(kind, dim, rank) combinations; kinds without a rank appear once per dim."""
+    return [
+        {"kind": kind, "dim": dim, "rank": rank}
+        for kind in kinds
+        for dim in dims
+        for rank in (ranks if kind in RANKED_KINDS else [None])
+    ]
+
+
+def build_trial_model(
+    schema: FeatureSchema, kind: str, dim: int, rank: int | None, sparse: bool = False,
+    fwfm_state: dict[str, torch.Tensor] | None = None,
+) -> RankingModel:
+    """A fresh model; a pruned FwFM prunes the trained FwFM whose weights are given."""
+    if kind == "pruned_fwfm":
+        if fwfm_state is None:
+            raise ValueError("pruned_fwfm prunes a trained FwFM: its weights are required")
+        fwfm = FwFM(schema, dim, sparse=sparse)
+        fwfm.load_state_dict(fwfm_state)
+        return PrunedFwFM.from_fwfm(fwfm, rank or 1)
+    return build_model(schema, kind, dim, sparse=sparse, **({"rank": rank} if kind in RANKED_KINDS else {}))
+
+
+def load_trial_model(schema: FeatureSchema, record: TrialRecord) -> RankingModel:
+    """A trial's best weights (its checkpoint) in an inference model."""
+    if record.checkpoint is None:
+        raise ValueError(f"trial {record.trial_id} has no checkpoint")
+    options = {"rank": record.rank} if record.kind in RANKED_KINDS else {}
+    model = build_model(schema, record.kind, record.dim, **options)
+    model.load_state_dict(load_file(str(Path(record.checkpoint) / WEIGHTS_FILE)))
+    return model.eval()
+
+
+def parameter_count(model: RankingModel) -> int:
+    """Trainable numbers; a pruned FwFM counts only its kept interaction weights."""
+    total = sum(p.numel() for p in model.parameters())
+    if isinstance(model, PrunedFwFM):
+        total -= int((~model.kept).sum())
+    return total
+
+
+def train_trial(
+    config: dict[str, Any], *, splits: Splits, settings: SweepSettings,
+    fwfm_states: dict[int, dict[str, torch.Tensor]],
+) -> None:
+    """The function trainable: one report per epoch, a checkpoint whenever validation improves.
+
+    Each report carries the best point so far (``best_valid_*``, its ``test_*`` and
+    ``best_epoch``), so the last report of a trial stopped early by ASHA is complete.
+    A pruned FwFM also reports epoch 0, the pruned model before any fine-tuning, and
+    carries its metrics in every later report (``initial_valid_*``, ``initial_test_*``).
+    """
+    import ray.tune
+
+    torch.set_num_threads(max(1, int(settings.cpus_per_trial)))
+    arch = config["arch"]
+    train_config = settings.train_config(config["learning_rate"])
+    torch.manual_seed(settings.seed)
+    model = build_trial_model(
+        splits.schema, arch["kind"], arch["dim"], arch["rank"], sparse=uses_sparse_gradients(train_config.optimizer),
+        fwfm_state=fwfm_states.get(arch["dim"]) if arch["kind"] == "pruned_fwfm" else None,
+    )  # fmt: skip
+    metric, higher_is_better = primary_metric(splits.schema.task)
+    parameters = parameter_count(model)
+    best: dict[str, Any] = {}
+    initial: dict[str, float] = {}
+
+    def report(epoch: int, valid: dict[str, float], extra: dict[str, float]) -> None:
+        value = valid[metric]
+        improved = not best or (
+            not np.isnan(value) and (value > best["valid"][metric] if higher_is_better else value < best["valid"][metric])
+        )
+        metrics = {
+            "epoch": epoch, "parameters": parameters, **{f"valid_{k}": v for k, v in valid.items()}, **extra, **initial
+        }  # fmt: skip
+        if not improved:
+            ray.tune.report({**metrics, **_best_columns(best)})
+            return
+        best.update(epoch=epoch, valid=valid, test=evaluate(model, minibatches(splits.test, train_config.eval_batch_size)))
+        with tempfile.TemporaryDirectory() as directory:
+            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            save_file(state, str(Path(directory) / WEIGHTS_FILE))
+            ray.tune.report(
+                {**metrics, **_best_columns(best)},
+                checkpoint=ray.tune.Checkpoint.from_directory(directory),
+            )
+
+    if arch["kind"] == "pruned_fwfm":
+        report(0, evaluate(model, minibatches(splits.valid, train_config.eval_batch_size)), {})
+        initial.update({f"initial_valid_{k}": v for k, v in best["valid"].items()})
+        initial.update({f"initial_test_{k}": v for k, v in best["test"].items()})
+
+    def on_epoch(epoch_report: EpochReport) -> None:
+        extra = {"train_loss": epoch_report.train_loss, "samples_per_second": epoch_report.samples_per_second}
+        report(epoch_report.epoch + 1, epoch_report.valid, extra)
+
+    fit_in_memory(model, train_config, splits.train, splits.valid, on_epoch)
+
+
+def _best_columns(best: dict[str, Any]) -> dict[str, float]:
+    return {
+        "best_epoch": best["epoch"],
+        **{f"best_valid_{k}": v for k, v in best["valid"].items()},
+        **{f"test_{k}": v for k, v in best["test"].items()},
+    }
+
+
+@contextmanager
+def ray_session(address: str | None, num_cpus: int | None) -> Iterator[None]:
+    """Connect to ``address`` (or $RAY_ADDRESS, as in a Ray job), else start a private
+    local Ray; shut down only what this call started. An already initialised Ray is used."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def run_trials(
+    splits: Splits, settings: SweepSettings, param_space: dict[str, Any], *, storage: Path, name: str,
+    num_samples: int = 1, asha: bool = False, fwfm_states: dict[int, dict[str, torch.Tensor]] | None = None,
+) -> list[TrialRecord]:
+    """Run one Tune experiment of ``train_trial`` and collect every trial's best point."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    metric, higher_is_better = primary_metric(splits.schema.task)
+    mode = "max" if higher_is_better else "min"
+    concurrent = max(1, int(ray.cluster_resources().get("CPU", 1) // settings.cpus_per_trial))
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, splits=splits, settings=settings, fwfm_states=fwfm_states or {}),
+        {"cpu": settings.cpus_per_trial},
+    )
+    scheduler = ASHAScheduler(max_t=settings.epochs, grace_period=1, reduction_factor=2) if asha else None
+    # Keeping one checkpoint per trial forces a state snapshot per checkpoint; Tune warns
+    # about that on every fast trial, and it is cheap here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=f"valid_{metric}", mode=mode, scheduler=scheduler, num_samples=num_samples,
+            max_concurrent_trials=concurrent, reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=f"{name}-{uuid.uuid4().hex[:8]}",  # a reused name would resume an old run
+            storage_path=str(storage.resolve()),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            verbose=0,
+            callbacks=[trial_lines(metric)],
+        ),
+    )  # fmt: skip
+    records = []
+    for result in tuner.fit():
+        if result.error is not None:
+            raise RuntimeError(f"trial {result.config} failed: {result.error}")
+        metrics, arch = result.metrics, result.config["arch"]
+        records.append(
+            TrialRecord(
+                trial_id=metrics["trial_id"], kind=arch["kind"], dim=arch["dim"], rank=arch["rank"],
+                learning_rate=result.config["learning_rate"], epochs_run=int(metrics["epoch"]),
+                best_epoch=int(metrics["best_epoch"]),
+                valid=_prefixed(metrics, "best_valid_"), test=_prefixed(metrics, "test_"),
+                initial_valid=_prefixed(metrics, "initial_valid_"), initial_test=_prefixed(metrics, "initial_test_"),
+                parameters=int(metrics["parameters"]),
+                checkpoint=result.checkpoint.path if result.checkpoint else None,
+            )
+        )  # fmt: skip
+    return records
+
+
+def trial_lines(metric: str) -> Any:
+    """A Tune callback printing one line per finished trial (Tune's own tables are long)."""
+    from ray.tune import Callback
+
+    class TrialLines(Callback):
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            arch, result = trial.config["arch"], trial.last_result
+            rank = "" if arch["rank"] is None else f" rank {arch['rank']}"
+            print(
+                f"trial {trial.trial_id}: {arch['kind']} k={arch['dim']}{rank} lr={trial.config['learning_rate']:.4g}: "
+                f"best valid {metric} {result.get(f'best_valid_{metric}', float('nan')):.4f} at epoch "
+                f"{result.get('best_epoch')} of {result.get('epoch')}",
+                flush=True,
+            )
+
+    return TrialLines()
+
+
+def _prefixed(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
+    return {key[len(prefix) :]: float(value) for key, value in metrics.items() if key.startswith(prefix)}
+
+
+def scoring_cost_us(model: RankingModel, splits: Splits, items: int, warmup: int = 3, repeats: int = 15) -> float:
+    """Median µs per item to score ``items`` real validation rows against one cached
+    context (the first validation row's), on one thread, as ``bench scoring`` times it."""
+    schema = splits.schema
+    rows = torch.arange(items) % len(splits.valid)
+    context = splits.valid.rows(rows[:1]).select(schema, schema.context_fields)
+    item_rows = splits.valid.rows(rows).select(schema, schema.item_fields)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            times = time_auction(lambda: model.score_items(model.encode_context(context), item_rows), warmup, repeats)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times) * 1000.0 / items
+
+
+def pareto_front(costs: list[float], scores: list[float], higher_is_better: bool) -> list[bool]:
+    """Which points no other point dominates (cost no higher and score no worse, one of
+    them strictly). One sort: walking by cost, a point is on the front when it is the best
+    of its cost and beats everything cheaper."""
+    signed = [s if higher_is_better else -s for s in scores]
+    order = sorted(range(len(costs)), key=lambda i: (costs[i], -signed[i]))
+    on_front = [False] * len(costs)
+    best_cheaper = -float("inf")
+    start = 0
+    while start < len(order):
+        end = start
+        while end < len(order) and costs[order[end]] == costs[order[start]]:
+            end += 1
+        group_best = signed[order[start]]
+        if group_best > best_cheaper:
+            for i in order[start:end]:
+                on_front[i] = signed[i] == group_best
+            best_cheaper = group_best
+        start = end
+    return on_front
+
+
+def write_table(records: list[TrialRecord], task: Task, path_stem: Path) -> None:
+    """``<stem>.parquet`` and ``<stem>.md`` with one row per trial."""
+    metric_names = ("auc", "logloss") if task == Task.binary else ("mse", "rmse")
+    rows = [
+        {
+            "trial_id": r.trial_id, "kind": r.kind, "dim": r.dim, "rank": r.rank, "learning_rate": r.learning_rate,
+            "epochs_run": r.epochs_run, "best_epoch": r.best_epoch,
+            **{f"valid_{m}": r.valid.get(m) for m in metric_names}, **{f"test_{m}": r.test.get(m) for m in metric_names},
+            "parameters": r.parameters, "scoring_us_per_item": r.scoring_us_per_item, "pareto": r.pareto,
+        }
+        for r in records
+    ]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(rows), path_stem.with_suffix(".parquet"))
+    path_stem.with_suffix(".md").write_text(markdown_table(rows))
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    columns = list(rows[0]) if rows else []
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "–"
+        if isinstance(value, float):
+            return f"{value:.4g}" if abs(value) < 1e-3 or abs(value) >= 1e4 else f"{value:.4f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_front(records: list[TrialRecord], metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for kind in sorted({r.kind for r in records}):
+        points = [r for r in records if r.kind == kind]
+        axis.scatter([r.scoring_us_per_item for r in points], [r.valid[metric] for r in points], alpha=0.5, label=kind)
+    front = sorted((r for r in records if r.pareto), key=lambda r: r.scoring_us_per_item or 0.0)
+    axis.plot([r.scoring_us_per_item for r in front], [r.valid[metric] for r in front], "k-o", drawstyle="steps-post",
+              label="Pareto front")
+    for r in front:
+        label = f"k={r.dim}" if r.rank is None else f"ρ={r.rank} k={r.dim}"
+        axis.annotate(label, (r.scoring_us_per_item, r.valid[metric]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    axis.set_xlabel("scoring cost (µs per item, cached context, one thread)")
+    axis.set_ylabel(f"validation {metric}")
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    unknown = sorted(set(args.kinds) - set(TUNABLE_KINDS))
+    if unknown:
+        raise ValueError(f"unknown kinds {unknown}; choose from {list(TUNABLE_KINDS)}")
+    if not 0 < args.lr_min <= args.lr_max:
+        raise ValueError("need 0 < --lr-min <= --lr-max")
+    started = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = load_splits(args.data)
+    settings = SweepSettings(
+        epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, l2=args.l2, patience=args.patience,
+        seed=args.seed, cpus_per_trial=args.cpus_per_trial,
+    )  # fmt: skip
+    from ray import tune
+
+    param_space = {
+        "arch": tune.grid_search(architectures(args.kinds, args.dims, args.ranks)),
+        "learning_rate": tune.loguniform(args.lr_min, args.lr_max),
+    }
+    with ray_session(args.address, args.num_cpus):
+        records = run_trials(
+            splits, settings, param_space, storage=out / "ray_results", name="tune", num_samples=args.samples, asha=True
+        )
+    metric, higher_is_better = primary_metric(splits.schema.task)
+    for record in records:
+        record.scoring_us_per_item = scoring_cost_us(load_trial_model(splits.schema, record), splits, args.items)
+    front = pareto_front([r.scoring_us_per_item for r in records], [r.valid[metric] for r in records], higher_is_better)
+    for record, on_front in zip(records, front):
+        record.pareto = on_front
+    records.sort(key=lambda r: r.valid[metric], reverse=higher_is_better)
+    write_table(records, splits.schema.task, out / "trials")
+    write_table(sorted((r for r in records if r.pareto), key=lambda r: r.scoring_us_per_item), splits.schema.task, out / "pareto")
+    plot_front(records, metric, out / "pareto.png")
+    best = records[0]
+    vocabulary = Path(args.data) / VOCAB_DIR
+    save_bundle(
+        out / "best_bundle", load_trial_model(splits.schema, best), name=f"tune-{best.trial_id}",
+        vocabulary_dir=vocabulary if vocabulary.is_dir() else None,
+        metrics={"valid": best.valid, "test": best.test, "best_epoch": best.best_epoch},
+        train_config={**settings.train_config(best.learning_rate).model_dump(), "trial_id": best.trial_id},
+    )  # fmt: skip
+    (out / "summary.json").write_text(
+        json.dumps({"best": best.model_dump(), "trials": len(records), "seconds": time.perf_counter() - started}, indent=2)
+        + "\n"
+    )
+    print(markdown_table([{"kind": r.kind, "dim": r.dim, "rank": r.rank, "lr": r.learning_rate,
+                           f"valid_{metric}": r.valid[metric], "µs/item": r.scoring_us_per_item}
+                          for r in records if r.pareto]))  # fmt: skip
+    print(f"best: {best.kind} k={best.dim} rank={best.rank} lr={best.learning_rate:.4g} valid {metric} "
+          f"{best.valid[metric]:.4f}; {len(records)} trials in {time.perf_counter() - started:.0f} s")  # fmt: skip
+    print(f"wrote {out}/trials.{{parquet,md}}, pareto.{{parquet,md,png}}, best_bundle/, summary.json")
+    return 0
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options every Ray Tune command shares."""
+    parser.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a private local Ray)")
+    parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="trials run at once = cluster CPUs / this")
+    parser.add_argument("--epochs", type=int, default=10, help="most epochs per trial")
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--optimizer", choices=["adagrad", "sparse_adam", "adam", "sgd"], default="adagrad")
+    parser.add_argument("--l2", type=float, default=0.0, help="L2 on looked-up embedding rows")
+    parser.add_argument("--patience", type=int, default=2, help="epochs without validation improvement before stopping")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--data", required=True, help="a prepared dataset (rankstream prepare / synth)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--kinds", nargs="+", default=["dplr_fwfm"], help=f"models from {list(TUNABLE_KINDS)}")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    parser.add_argument("--dims", type=int, nargs="+", default=[8, 16, 32])
+    parser.add_argument("--lr-min", type=float, default=1e-3)
+    parser.add_argument("--lr-max", type=float, default=0.2)
+    parser.add_argument("--samples", type=int, default=1, help="learning rates drawn per (kind, dim, rank)")
+    parser.add_argument("--items", type=int, default=1000, help="items per auction when timing the scoring cost")
+    add_ray_arguments(parser)
+    parser.set_defaults(func=run_tune)
+    return parser
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    build_parser(subparsers.add_parser("tune", help="Ray Tune sweep: rank × dim × lr, ASHA, Pareto front, best bundle"))
+
+
+if __name__ == "__main__":
+    from rayjobs.cli import run_module
+
+    run_module(["tune"])
