@@ -198,9 +198,12 @@ class RaFM(RankingModel):
         rows = table.global_rows(batch)
         sums = []
         for remap, vectors, squared_norms in self._compact_tables()[2 * level : 2 * level + 2]:
-            compact = remap[rows]
-            total = F.embedding_bag(compact, vectors, mode="sum")
-            squares = F.embedding_bag(compact, squared_norms, mode="sum").squeeze(-1)
+            if rows.shape[1]:
+                compact = remap[rows]
+                total = F.embedding_bag(compact, vectors, mode="sum")
+                squares = F.embedding_bag(compact, squared_norms, mode="sum").squeeze(-1)
+            else:  # only multi-valued fields on this side
+                total, squares = vectors.new_zeros((len(batch), table.dim)), vectors.new_zeros(len(batch))
             for name, bag in zip(batch.bag_fields, batch.bags):
                 field_vector = F.embedding_bag(
                     remap[table.bag_rows(name, bag)], vectors, mode="sum", per_sample_weights=normalised_weights(bag)
