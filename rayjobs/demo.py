@@ -94,13 +94,15 @@ def train_job(console: Console, cluster: LocalCluster, data: Path, bundle: Path,
     console.print(f"submitted {job_id}: {entrypoint}")
     console.print(f"watch it in the dashboard: {cluster.dashboard_url}/#/jobs/{job_id} (Train view: {cluster.dashboard_url}/#/train)")
     log_path = run_dir / "train-job.log"
-    shown = 0
+    shown, printed = 0, set()
     while True:
         status = client.get_job_status(job_id)
         logs = client.get_job_logs(job_id)
         for line in logs[shown:].splitlines():
-            if JOB_PROGRESS.search(line):  # the job's own progress lines, not Ray's chatter
-                console.print(f"  [dim]job[/dim] {JOB_PROGRESS.search(line).group(0)}")
+            progress = JOB_PROGRESS.search(line)  # the job's own progress lines, not Ray's chatter
+            if progress and progress.group(0) not in printed:  # a worker's line can reach the log twice
+                printed.add(progress.group(0))
+                console.print(f"  [dim]job[/dim] {progress.group(0)}")
         shown = len(logs)
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
             break
