@@ -178,6 +178,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             stack = Stack(kafka, topics, cluster.address, cluster.dashboard_url, free_port(), bundles, catalog, temp_dir)
             stack.serve_up("v1")
             yield stack
+            assert cli.main(["serve", "down", "--dashboard-url", cluster.dashboard_url]) == 0
+            assert "rankstream" not in serve_details(cluster.dashboard_url).get("applications", {})
         finally:
             cluster_down(temp_dir)
 

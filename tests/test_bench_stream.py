@@ -1,0 +1,29 @@
+"""`rankstream bench stream` end to end at a tiny size: broker, local Ray, the Serve
+scorer and the load generator; the JSON report and its plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rayjobs import cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_stream_reports_rates_and_latency(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    out = tmp_path / "stream.json"
+    code = cli.main(["bench", "stream", "--json", str(out), "--rates", "50", "--latency-rates", "--seconds", "2",
+                     "--items", "5", "--context-fields", "2", "--item-fields", "2", "--vocab-size", "20",
+                     "--distinct", "20", "--partitions", "2"])
+    assert code == 0
+    result = json.loads(out.read_text())
+    (step,) = result["steps"]
+    assert step["offered"] == 50 and step["report"]["sent"] == 100
+    assert step["report"]["scored"] == 100 and step["report"]["missing"] == 0
+    assert result["max_sustained_rate"] == 50  # kept up with 50 five-item auctions a second
+    assert [p["offered"] for p in result["latency"]] == [25]  # half the sustained rate
+    assert out.with_suffix(".png").stat().st_size > 0
