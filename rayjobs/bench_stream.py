@@ -1,18 +1,19 @@
 """``rankstream bench stream``: the whole streaming path on this machine — embedded
 broker, a local Ray with the Serve scorer, and the load generator, all together.
 
-Auctions of 100 items (20 context + 20 item fields, columns form), DPLR rank 3, k = 16.
+Auctions of 100 items (20 context + 20 item fields; columns form with integer values
+packed as binary by default, ``--item-format``), DPLR rank 3, k = 16.
 Offered rates step up until the scorer stops keeping up (throughput below 95% of the
 offered rate, a missing reply, or a p99 latency over a second: a growing backlog); the
 last rate it kept up with is the maximum sustained rate. Then latency is measured at
-half that rate (and at any ``--latency-rates``).
+half that rate (and at any ``--latency-rates``). Every rate runs on a fresh broker and
+scorer deployment (``measure``), after a short warm-up.
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -35,6 +36,8 @@ from streaming.producer import (
 )
 
 BACKLOG_P99_MS = 1000.0
+WARM_UP_RATE = 200.0
+APP_NAME = "rankstream"
 
 
 class RatePoint(BaseModel):
@@ -56,6 +59,8 @@ class StreamBenchmark(BaseModel):
     replicas: int
     partitions: int
     items_per_auction: int
+    item_format: str
+    linger_ms: int
     context_fields: int
     item_fields: int
     rank: int
@@ -66,21 +71,21 @@ class StreamBenchmark(BaseModel):
 
 
 def deploy_scorer(bundle: Path, kafka: KafkaClientConfig, replicas: int, cache_size: int) -> None:
-    import ray
     from ray import serve
 
     from serve_app.app import build_app
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     args = ScorerArgs(
         model=ModelConfig(bundle=str(bundle)), kafka=kafka, num_replicas=replicas, context_cache_size=cache_size
     )
-    serve.run(build_app(args), name="rankstream", route_prefix="/")
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
 
 
-def offer(kafka: KafkaClientConfig, templates: list[AuctionTemplate], rate: float, seconds: float) -> RatePoint:
+def offer(
+    kafka: KafkaClientConfig, templates: list[AuctionTemplate], rate: float, seconds: float, linger_ms: int
+) -> RatePoint:
     count = max(1, int(rate * seconds))
-    load = LoadConfig(count=count, rate=rate, reply_timeout_s=15.0, progress=False, linger_ms=1)
+    load = LoadConfig(count=count, rate=rate, reply_timeout_s=15.0, progress=False, linger_ms=linger_ms)
     report = run_load(kafka, templates, load)
     point = RatePoint(offered=rate, seconds=seconds, report=report)
     latency = report.latency_ms
@@ -92,6 +97,23 @@ def offer(kafka: KafkaClientConfig, templates: list[AuctionTemplate], rate: floa
     return point
 
 
+def measure(args: argparse.Namespace, work: Path, bundle: Path, templates: list[AuctionTemplate], rate: float) -> RatePoint:
+    """One rate on a fresh broker and a fresh scorer deployment: the embedded broker's
+    in-memory log costs more CPU per request as it grows (see docs/protocol.md), so a
+    step on a long-running broker would measure the previous steps too."""
+    from ray import serve
+
+    with start_broker(state_dir=Path(tempfile.mkdtemp(prefix="broker-", dir=work))) as broker:
+        kafka = KafkaClientConfig(bootstrap_servers=broker.bootstrap_servers)
+        create_topics(kafka, TopicNames(), partitions=args.partitions)
+        deploy_scorer(bundle, kafka, args.replicas, args.context_cache_size)
+        try:
+            offer(kafka, templates, rate=WARM_UP_RATE, seconds=3, linger_ms=args.linger_ms)  # replicas assigned, caches filled
+            return offer(kafka, templates, rate, args.seconds, args.linger_ms)
+        finally:
+            serve.delete(APP_NAME)  # the Kafka loops commit and close while their broker is up
+
+
 def run(args: argparse.Namespace) -> StreamBenchmark:
     import ray
     from ray import serve
@@ -100,34 +122,29 @@ def run(args: argparse.Namespace) -> StreamBenchmark:
     schema = grid_schema(args.context_fields + args.item_fields, args.context_fields, args.vocab_size)
     work = Path(tempfile.mkdtemp(prefix="rankstream-bench-stream-"))
     bundle = save_bundle(work / "bundle", build_model(schema, "dplr_fwfm", args.dim, rank=args.rank))
-    templates = synthetic_templates(schema, args.distinct, args.items, item_format="columns", seed=args.seed)
-    with start_broker(state_dir=work / "broker") as broker:
-        kafka = KafkaClientConfig(bootstrap_servers=broker.bootstrap_servers)
-        create_topics(kafka, TopicNames(), partitions=args.partitions)
-        try:
-            print(f"deploying {args.replicas} scorer replica(s) on a local Ray ...")
-            deploy_scorer(bundle, kafka, args.replicas, args.context_cache_size)
-            offer(kafka, templates, rate=200, seconds=3)  # warm-up: replicas assigned, caches filled
-            print("rate steps:")
-            steps, sustained = [], 0.0
-            for rate in args.rates:
-                point = offer(kafka, templates, rate, args.seconds)
-                steps.append(point)
-                if not point.kept_up:
-                    time.sleep(args.cooldown)  # let the scorer drain what the overload left
-                    break
-                sustained = rate
-            latency_rates = sorted({*args.latency_rates, *([sustained / 2] if sustained else [])})
-            print("latency:")
-            latency = [offer(kafka, templates, rate, args.seconds) for rate in latency_rates]
-        finally:
-            serve.shutdown()
-            ray.shutdown()
+    templates = synthetic_templates(schema, args.distinct, args.items, item_format=args.item_format, seed=args.seed)
+    print(f"{args.replicas} scorer replica(s) on a local Ray; each rate on a fresh broker and deployment")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        print("rate steps:")
+        steps, sustained = [], 0.0
+        for rate in args.rates:
+            point = measure(args, work, bundle, templates, rate)
+            steps.append(point)
+            if not point.kept_up:
+                break
+            sustained = rate
+        latency_rates = sorted({*args.latency_rates, *([sustained / 2] if sustained else [])})
+        print("latency:")
+        latency = [measure(args, work, bundle, templates, rate) for rate in latency_rates]
+    finally:
+        serve.shutdown()
+        ray.shutdown()
     return StreamBenchmark(
-        replicas=args.replicas, partitions=args.partitions, items_per_auction=args.items,
-        context_fields=args.context_fields, item_fields=args.item_fields, rank=args.rank, dim=args.dim,
-        steps=steps, max_sustained_rate=sustained, latency=latency,
-    )
+        replicas=args.replicas, partitions=args.partitions, items_per_auction=args.items, item_format=args.item_format,
+        linger_ms=args.linger_ms, context_fields=args.context_fields, item_fields=args.item_fields, rank=args.rank,
+        dim=args.dim, steps=steps, max_sustained_rate=sustained, latency=latency,
+    )  # fmt: skip
 
 
 def plot(result: StreamBenchmark, path: Path) -> None:
@@ -173,10 +190,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[500, 1000, 1500, 2000, 2500, 3000, 4000])
     parser.add_argument("--latency-rates", type=float, nargs="*", default=[1000], help="also measure latency here")
     parser.add_argument("--seconds", type=float, default=10.0, help="per rate step")
-    parser.add_argument("--cooldown", type=float, default=15.0, help="pause after the step that was not kept up")
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--items", type=int, default=100)
+    parser.add_argument("--item-format", choices=["rows", "columns", "packed"], default="packed",
+                        help="how auctions carry items (docs/protocol.md)")
     parser.add_argument("--context-fields", type=int, default=20)
     parser.add_argument("--item-fields", type=int, default=20)
     parser.add_argument("--vocab-size", type=int, default=1000)
@@ -184,5 +202,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dim", type=int, default=16)
     parser.add_argument("--distinct", type=int, default=5000, help="distinct auctions built, then cycled")
     parser.add_argument("--context-cache-size", type=int, default=10_000)
+    parser.add_argument("--linger-ms", type=int, default=5,
+                        help="the load generator's producer linger: the ad server's batching of auction messages")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=handle)

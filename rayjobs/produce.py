@@ -108,8 +108,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--count", type=int, default=1000, help="auctions to send")
     source.add_argument("--items", type=int, default=100, help="items per auction")
     source.add_argument("--distinct", type=int, default=1000, help="distinct auctions built, then cycled")
-    source.add_argument("--item-format", choices=["rows", "columns"], default="rows",
-                        help="items as a list of {item_id, features} maps, or as columns (cheaper to decode)")
+    source.add_argument("--item-format", choices=["rows", "columns", "packed"], default="rows",
+                        help="items as a list of {item_id, features} maps, as columns (cheaper to decode), or as "
+                             "columns with integer columns packed as binary (cheapest)")
     source.add_argument("--context-fields", type=int, default=20, help="synthetic: context fields")
     source.add_argument("--item-fields", type=int, default=20, help="synthetic: item fields")
     source.add_argument("--multi-fields", type=int, default=0, help="synthetic: multi-valued item fields")

@@ -39,6 +39,8 @@ LAG_REFRESH_S = 1.0
 ASSIGNMENT_REFRESH_S = 5.0
 # Tansu answers a fetch only when its max wait is over, data or not: this bounds each hop.
 FETCH_MAX_WAIT_MS = 5
+REPLY_LINGER_MS = 100
+REPLY_BATCH_BYTES = 256 * 1024  # well under the broker's default 1 MB message.max.bytes
 
 
 class KafkaLoop(threading.Thread):
@@ -86,7 +88,10 @@ class KafkaLoop(threading.Thread):
             max_poll_records=self.max_poll_records,
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         )
-        producer = self.kafka.producer(linger_ms=1)
+        # Every batch's replies end with a flush, so they never wait for the linger; a long
+        # one lets send() fill one record batch per partition instead of waking the
+        # sender thread (a syscall) for each new batch.
+        producer = self.kafka.producer(linger_ms=REPLY_LINGER_MS, batch_size=REPLY_BATCH_BYTES)
         flushed: dict[TopicPartition, OffsetAndMetadata] = {}  # next offsets whose replies are acknowledged
         try:
             lag_refreshed = assignment_refreshed = 0.0

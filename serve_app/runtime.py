@@ -86,6 +86,7 @@ class ScoringRuntime:
         self.limits = limits
         self.bundle = load_bundle(config.bundle)
         self.encoder = AuctionEncoder(self.bundle.schema, self.bundle.vocabulary, limits=limits)
+        self.encoder.prepare_packed_columns()
         self.catalog = load_catalog(config.catalog, self.bundle, self.encoder) if config.catalog else None
         self.context_cache = ContextCache(context_cache_size)
         self._names = {self.bundle.name, self.bundle.model_version}

@@ -9,11 +9,15 @@ Rules (docs/protocol.md):
   the integers 0/1, as in Python). Multi-valued fields also take an array of such
   values (equal weights) or a map {string value: weight > 0}; nil, [] and {} are missing.
 - Unseen values map to the field's rare index 1.
+- A packed column (columns form; ``protocol.pack_column``) holds integers, each the
+  same raw value as that integer sent as a number (one value per item).
 
 Speed: columns are cut out of the feature maps with ``operator.itemgetter`` and
 mapped through a per-field dict of values already seen, so a batch costs a few
 C-level passes per field; only values not seen before, multi-valued fields and bad
-messages take the Python path.
+messages take the Python path. Packed columns skip Python objects altogether: a
+batch's packed columns of a field are concatenated and looked up in one compiled loop
+over a hash table of the field's integer tokens (``_IntegerIndex``).
 """
 
 from __future__ import annotations
@@ -25,14 +29,15 @@ from itertools import chain
 from operator import itemgetter
 from typing import Any, Literal
 
+import numba
 import numpy as np
 import torch
 from torch import Tensor
 
 from model_zoo.batch import Bag, FeatureBatch
-from model_zoo.schema import MISSING_INDEX, RESERVED_INDICES, FeatureSchema, Kind
+from model_zoo.schema import MISSING_INDEX, RARE_INDEX, RESERVED_INDICES, FeatureSchema, Kind
 from model_zoo.vocab import FieldVocabulary, Vocabulary
-from streaming.protocol import DEFAULT_LIMITS, Auction, ItemId, ProtocolError, ProtocolLimits, Reason
+from streaming.protocol import DEFAULT_LIMITS, Auction, ItemId, ProtocolError, ProtocolLimits, Reason, unpack_column
 
 MissingPolicy = Literal["missing_index", "error"]
 _MAX_CACHED_VALUES = 1 << 16  # per field; the cache is cleared when full (bounded memory under unseen-value floods)
@@ -46,16 +51,87 @@ def identity_vocabulary(schema: FeatureSchema) -> Vocabulary:
     )
 
 
+class _IntegerIndex:
+    """Index of every integer raw value of one field, a whole array at a time.
+
+    The field's tokens that are canonical integers (``str(int(t)) == t``: what
+    ``to_token`` makes of an integer) sit in an open-addressing hash table with linear
+    probing, at most half full; any other integer is not in the vocabulary (rare)."""
+
+    def __init__(self, vocabulary: FieldVocabulary) -> None:
+        keys, indices = [], []
+        for position, token in enumerate(vocabulary.tokens):
+            try:
+                number = int(token)
+            except ValueError:
+                continue
+            if str(number) == token and _INT64_MIN <= number <= _INT64_MAX:
+                keys.append(number)
+                indices.append(RESERVED_INDICES + position)
+        bits = max(3, (2 * len(keys)).bit_length())
+        self.shift = 64 - bits  # a slot is the top ``bits`` bits of the hash
+        self.keys = np.zeros(1 << bits, dtype=np.int64)
+        self.indices = np.zeros(1 << bits, dtype=np.int64)  # 0 marks an empty slot: token indices are >= 2
+        _hash_insert(self.keys, self.indices, np.array(keys, dtype=np.int64), np.array(indices, dtype=np.int64), self.shift)
+
+    def lookup(self, values: np.ndarray) -> np.ndarray:
+        return _hash_lookup(self.keys, self.indices, values, self.shift)
+
+
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+_FIBONACCI = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio: multiplicative hashing
+
+
+@numba.njit(cache=True, nogil=True)
+def _hash_insert(table_keys, table_indices, keys, indices, shift):  # pragma: no cover - compiled
+    mask = table_keys.shape[0] - 1
+    for n in range(keys.shape[0]):
+        slot = np.int64((np.uint64(keys[n]) * _FIBONACCI) >> np.uint64(shift))
+        while table_indices[slot] != 0:
+            slot = (slot + 1) & mask
+        table_keys[slot] = keys[n]
+        table_indices[slot] = indices[n]
+
+
+@numba.njit(cache=True, nogil=True)
+def _hash_lookup(table_keys, table_indices, values, shift):  # pragma: no cover - compiled
+    mask = table_keys.shape[0] - 1
+    out = np.empty(values.shape[0], dtype=np.int64)
+    for n in range(values.shape[0]):
+        value = values[n]
+        slot = np.int64((np.uint64(value) * _FIBONACCI) >> np.uint64(shift))
+        found = RARE_INDEX
+        while table_indices[slot] != 0:
+            if table_keys[slot] == value:
+                found = table_indices[slot]
+                break
+            slot = (slot + 1) & mask
+        out[n] = found
+    return out
+
+
 class _FieldMapper:
     """Raw value -> index for one field, remembering the values it has seen."""
 
-    __slots__ = ("name", "vocabulary", "limits", "cache")
+    __slots__ = ("name", "vocabulary", "limits", "cache", "_integers")
 
     def __init__(self, name: str, vocabulary: FieldVocabulary, limits: ProtocolLimits) -> None:
         self.name = name
         self.vocabulary = vocabulary
         self.limits = limits
         self.cache: dict[Any, int] = {}
+        self._integers: _IntegerIndex | None = None  # built on the field's first packed column
+
+    def packed(self, values: np.ndarray) -> np.ndarray:
+        """Indices of a packed column (int64 raw values)."""
+        if self.vocabulary.transform != "none":  # e.g. Criteo's log binning: the token path
+            return self.column(values.tolist())
+        return self.integer_index().lookup(values)
+
+    def integer_index(self) -> _IntegerIndex:
+        if self._integers is None:
+            self._integers = _IntegerIndex(self.vocabulary)
+        return self._integers
 
     def column(self, values: Sequence[Any]) -> np.ndarray:
         """Indices of a column of single values."""
@@ -156,7 +232,9 @@ class _Side:
             rows = [self._row(values, missing) for values in maps]
         return list(zip(*rows)) if rows else [()] * width
 
-    def columns_of_columns(self, columns: dict[str, list[Any]], count: int, missing: MissingPolicy) -> list[Sequence[Any]]:
+    def columns_of_columns(
+        self, columns: Mapping[str, Sequence[Any] | bytes], count: int, missing: MissingPolicy
+    ) -> list[Sequence[Any] | bytes]:
         """Per field, its column in a columns-form auction (absent columns are all missing)."""
         self._check_keys(columns, missing)
         absent = [None] * count
@@ -174,12 +252,13 @@ class _Side:
             absent = sorted(self.allowed - values.keys())
             raise ProtocolError(Reason.missing_field, f"{self.label} fields {absent} are missing")
 
-    def batch(self, columns: list[Sequence[Any]], count: int) -> FeatureBatch:
+    def batch(self, columns: list[Sequence[Any] | np.ndarray], count: int) -> FeatureBatch:
         by_name = dict(zip(self.names, columns))
         single = np.empty((count, len(self.single)), dtype=np.int64)
         for position, name in enumerate(self.single):
-            single[:, position] = self.mappers[name].column(by_name[name])
-        bags = tuple(_bag([self.mappers[n].bag(v) for v in by_name[n]]) for n in self.multi)
+            values, mapper = by_name[name], self.mappers[name]
+            single[:, position] = mapper.packed(values) if type(values) is np.ndarray else mapper.column(values)
+        bags = tuple(_bag([self.mappers[n].bag(v) for v in _values(by_name[n])]) for n in self.multi)
         return FeatureBatch(self.names, self.single, torch.from_numpy(single), self.multi, bags)
 
 
@@ -252,6 +331,12 @@ class AuctionEncoder:
         self.context_side = _Side("context", schema, schema.context_fields, mappers)
         self.item_side = _Side("item", schema, schema.item_fields, mappers)
 
+    def prepare_packed_columns(self) -> None:
+        """Build the item fields' integer indexes now (and load their compiled lookup), so
+        the first packed auction is not the one that waits for it."""
+        for mapper in self.item_side.mappers.values():
+            mapper.integer_index().lookup(np.zeros(1, dtype=np.int64))
+
     def encode(self, auction: Auction) -> tuple[FeatureBatch, FeatureBatch]:
         """(context batch of 1 row, item batch of one row per item) of a feature-item auction."""
         if auction.is_catalog:
@@ -317,11 +402,32 @@ class AuctionEncoder:
                 parts.append(side.columns_of_maps(auction.item_features, self.missing))
             else:
                 parts.append(side.columns_of_columns(auction.item_columns or {}, len(auction), self.missing))
-        if len(parts) == 1:
-            columns = parts[0]
-        else:
-            columns = [list(chain.from_iterable(p[f] for p in parts)) for f in range(len(side.names))]
-        return side.batch(columns, sum(len(a) for a in auctions))
+        counts = [len(a) for a in auctions]
+        columns = [_concatenate([p[f] for p in parts], counts) for f in range(len(side.names))]
+        return side.batch(columns, sum(counts))
+
+
+def _concatenate(parts: list[Sequence[Any] | bytes], counts: list[int]) -> Sequence[Any] | np.ndarray:
+    """One field's column over several auctions (``counts`` items each): an int64 array
+    when every part is packed, else a list of raw values."""
+    packed = [type(part) is bytes for part in parts]
+    if parts and all(packed):
+        widths = {len(part) // count for part, count in zip(parts, counts)}
+        if len(widths) == 1:  # one buffer, one conversion
+            return np.frombuffer(b"".join(parts), dtype=f"<i{widths.pop()}").astype(np.int64)
+        return np.concatenate([unpack_column(part, count) for part, count in zip(parts, counts)])
+    if not any(packed) and len(parts) == 1:
+        return parts[0]
+    return list(
+        chain.from_iterable(
+            unpack_column(part, count).tolist() if is_packed else part for part, count, is_packed in zip(parts, counts, packed)
+        )
+    )
+
+
+def _values(column: Sequence[Any] | np.ndarray) -> Sequence[Any]:
+    """Raw values one at a time (a packed column gives each item of a multi-valued field one value)."""
+    return column.tolist() if type(column) is np.ndarray else column
 
 
 def _catalog_rows(auctions: list[Auction], catalog: Mapping[ItemId, int] | None) -> Tensor:

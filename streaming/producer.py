@@ -26,9 +26,9 @@ from pydantic import BaseModel, Field
 from model_zoo.schema import MISSING_INDEX, RESERVED_INDICES, FeatureSchema, Kind
 from model_zoo.vocab import Vocabulary
 from streaming.kafka_config import KafkaClientConfig, TopicNames
-from streaming.protocol import PROTOCOL_VERSION, ProtocolError, decode_error, decode_reply, now_ms
+from streaming.protocol import PROTOCOL_VERSION, ProtocolError, decode_error, decode_reply, now_ms, pack_column
 
-ItemFormat = Literal["rows", "columns"]
+ItemFormat = Literal["rows", "columns", "packed"]  # packed: columns, with integer columns as packed binary
 _RARE_TOKEN = "\x00rare"  # a raw value no vocabulary holds: maps to the rare index
 
 
@@ -189,6 +189,18 @@ def _raw_values(tokens: list[str]) -> Any:
     return to_raw
 
 
+def _packed_if_integers(values: list[Any]) -> list[Any] | bytes:
+    """A packed column when every value is an integer or the text of one (the same token
+    either way), else the values unchanged."""
+    try:
+        numbers = [v if type(v) is int else int(v) for v in values]
+    except (TypeError, ValueError):
+        return values
+    if [str(n) for n in numbers] != [str(v) for v in values] or not all(-(1 << 63) <= n < 1 << 63 for n in numbers):
+        return values
+    return pack_column(numbers)
+
+
 def _raw_bag(tokens: list[Any], weights: list[float]) -> Any:
     """A bag as the protocol takes it: a list when its weights are equal (or a map
     cannot hold it), else {token: weight}."""
@@ -200,6 +212,8 @@ def _raw_bag(tokens: list[Any], weights: list[float]) -> Any:
 def _items(item_ids: list[str], columns: dict[str, list[Any]], item_format: ItemFormat) -> Any:
     if item_format == "columns":
         return {"item_id": item_ids, "features": columns}
+    if item_format == "packed":
+        return {"item_id": item_ids, "features": {name: _packed_if_integers(values) for name, values in columns.items()}}
     names = list(columns)
     rows = zip(*(columns[n] for n in names))
     return [{"item_id": item_id, "features": dict(zip(names, row))} for item_id, row in zip(item_ids, rows)]

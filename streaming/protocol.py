@@ -8,7 +8,8 @@ Three messages, each a msgpack map carrying ``version``:
 ``decode_auction`` checks the envelope (keys, types, sizes, item shapes). Feature
 values are checked where they are touched anyway, when ``encode.AuctionEncoder``
 maps them through the vocabulary; both raise ``ProtocolError`` with a reason code.
-No pickle, no msgpack extension types: only plain maps, arrays, strings and numbers.
+No pickle, no msgpack extension types: only plain maps, arrays, strings, numbers, and
+binary for packed integer columns (``pack_column``).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class Auction:
     context: dict[str, Any]  # field -> raw value | list of raw values | {raw value: weight}
     item_ids: list[ItemId]  # in item order, for every item form
     item_features: list[dict[str, Any]] | None = None  # rows form: per item, field -> raw value
-    item_columns: dict[str, list[Any]] | None = None  # columns form: field -> one raw value per item
+    item_columns: dict[str, list[Any] | bytes] | None = None  # columns form: field -> one raw value per item, or packed
     model: str | None = None
     top_k: int | None = None
     reply_to: str | None = None
@@ -198,7 +199,7 @@ def _check_item_rows(items: Any, limits: ProtocolLimits) -> tuple[list[ItemId], 
     _check_count(len(items), limits)
     types = set(map(type, items))
     if types <= _ID_TYPES:
-        _check_ids(items, limits)
+        _check_ids(items, types, limits)
         return items, None
     if types != {dict}:
         raise ProtocolError(
@@ -212,17 +213,18 @@ def _check_item_rows(items: Any, limits: ProtocolLimits) -> tuple[list[ItemId], 
             if missing:
                 raise ProtocolError(Reason.missing_field, f"an item lacks {sorted(missing)}")
     item_ids = [item["item_id"] for item in items]
-    if not set(map(type, item_ids)) <= _ID_TYPES:
+    id_types = set(map(type, item_ids))
+    if not id_types <= _ID_TYPES:
         raise ProtocolError(Reason.wrong_type, "'item_id' must be a string or an integer")
-    _check_ids(item_ids, limits)
+    _check_ids(item_ids, id_types, limits)
     features = [item["features"] for item in items]
     if set(map(type, features)) != {dict}:
         raise ProtocolError(Reason.wrong_type, "an item's 'features' is not a map")
     return item_ids, features
 
 
-def _check_item_columns(items: dict[str, Any], limits: ProtocolLimits) -> tuple[list[ItemId], dict[str, list[Any]]]:
-    """The columns form: {"item_id": [ids], "features": {field: [one value per item]}}."""
+def _check_item_columns(items: dict[str, Any], limits: ProtocolLimits) -> tuple[list[ItemId], dict[str, list[Any] | bytes]]:
+    """The columns form: {"item_id": [ids], "features": {field: [one value per item] or a packed column}}."""
     unknown, missing = items.keys() - _ITEM_KEYS, _ITEM_KEYS - items.keys()
     if unknown:
         raise ProtocolError(Reason.unknown_field, f"unknown keys in 'items' {sorted(unknown)}")
@@ -232,17 +234,43 @@ def _check_item_columns(items: dict[str, Any], limits: ProtocolLimits) -> tuple[
     if type(item_ids) is not list:
         raise ProtocolError(Reason.wrong_type, f"'item_id' is {_type_name(item_ids)}, expected an array")
     _check_count(len(item_ids), limits)
-    if not set(map(type, item_ids)) <= _ID_TYPES:
+    id_types = set(map(type, item_ids))
+    if not id_types <= _ID_TYPES:
         raise ProtocolError(Reason.wrong_type, "'item_id' must hold strings or integers")
-    _check_ids(item_ids, limits)
+    _check_ids(item_ids, id_types, limits)
     if type(columns) is not dict:
         raise ProtocolError(Reason.wrong_type, f"'features' is {_type_name(columns)}, expected a map")
+    count = len(item_ids)
     for name, column in columns.items():
-        if type(column) is not list:
-            raise ProtocolError(Reason.wrong_type, f"feature column {name!r} is {_type_name(column)}, expected an array")
-        if len(column) != len(item_ids):
-            raise ProtocolError(Reason.invalid_value, f"feature column {name!r} has {len(column)} values for {len(item_ids)} items")
+        kind = type(column)
+        if kind is list:
+            if len(column) != count:
+                raise ProtocolError(Reason.invalid_value, f"feature column {name!r} has {len(column)} values for {count} items")
+        elif kind is bytes:
+            if len(column) not in (4 * count, 8 * count):
+                raise ProtocolError(
+                    Reason.invalid_value,
+                    f"packed column {name!r} has {len(column)} bytes for {count} items (4 or 8 per item)",
+                )
+        else:
+            raise ProtocolError(
+                Reason.wrong_type, f"feature column {name!r} is {_type_name(column)}, expected an array or packed binary"
+            )
     return item_ids, columns
+
+
+def pack_column(values: Sequence[int] | np.ndarray) -> bytes:
+    """A packed column of the columns form: integer raw values as one msgpack binary,
+    little-endian int32 when they all fit, else int64; the scorer reads it without a
+    Python object per value."""
+    numbers = np.asarray(values, dtype=np.int64)
+    fits_32 = numbers.size == 0 or (numbers.min() >= -(1 << 31) and numbers.max() < 1 << 31)
+    return numbers.astype("<i4" if fits_32 else "<i8").tobytes()
+
+
+def unpack_column(column: bytes, count: int) -> np.ndarray:
+    """The int64 values of a packed column of ``count`` items (its width is 4 or 8 bytes)."""
+    return np.frombuffer(column, dtype="<i4" if len(column) == 4 * count else "<i8").astype(np.int64)
 
 
 def _check_count(count: int, limits: ProtocolLimits) -> None:
@@ -252,8 +280,9 @@ def _check_count(count: int, limits: ProtocolLimits) -> None:
         raise ProtocolError(Reason.too_many_items, f"{count} items, limit {limits.max_items}")
 
 
-def _check_ids(ids: list[ItemId], limits: ProtocolLimits) -> None:
-    strings = [i for i in ids if type(i) is str]
+def _check_ids(ids: list[ItemId], types: set[type], limits: ProtocolLimits) -> None:
+    """Id lengths; ``types`` is the set of the ids' types, already checked to be ``_ID_TYPES``."""
+    strings = [i for i in ids if type(i) is str] if int in types else ids
     if strings and max(map(len, strings)) > limits.max_id_length:
         raise ProtocolError(Reason.invalid_value, f"an item id is longer than {limits.max_id_length} characters")
 

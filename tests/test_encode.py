@@ -12,8 +12,15 @@ from model_zoo.batch import FeatureBatch, join_context_items
 from model_zoo.registry import build_model
 from model_zoo.schema import FeatureSchema, FieldSpec, Kind, Role
 from model_zoo.vocab import FieldVocabulary, Vocabulary
-from streaming.encode import AuctionEncoder, identity_vocabulary
-from streaming.protocol import ProtocolError, ProtocolLimits, Reason, decode_auction, encode_auction
+from streaming.encode import AuctionEncoder, _IntegerIndex, identity_vocabulary
+from streaming.protocol import (
+    ProtocolError,
+    ProtocolLimits,
+    Reason,
+    decode_auction,
+    encode_auction,
+    pack_column,
+)
 
 SCHEMA = FeatureSchema(
     fields=(
@@ -260,3 +267,69 @@ def test_context_keys_equal_exactly_for_equal_encodings(encoder: AuctionEncoder)
     c, d, e = long_bags.context_keys()
     assert d == a
     assert len({a, b, c, e}) == 4
+
+
+PACKED_SCHEMA = FeatureSchema(
+    fields=(
+        FieldSpec(name="user", role=Role.context, vocab_size=4),
+        FieldSpec(name="campaign", role=Role.item, vocab_size=9),
+        FieldSpec(name="price", role=Role.item, vocab_size=5),
+        FieldSpec(name="genres", role=Role.item, kind=Kind.multi, vocab_size=5),
+    )
+)
+PACKED_VOCABULARY = Vocabulary(
+    [
+        FieldVocabulary("user", ["u1", "u2"]),
+        # only canonical integer tokens can match an integer: not "05", " 6", "+8" or "x"
+        FieldVocabulary("campaign", ["7", "05", "-3", "x", " 6", "+8", str(2**63 - 1)]),
+        FieldVocabulary("price", ["v1", "b4", "b11"], transform="log_square"),  # the token path
+        FieldVocabulary("genres", ["1", "2", "3"]),
+    ]
+)
+PACKED_VALUES = {
+    "campaign": [[7, 5, -3, 6, 8, 2**63 - 1, 99, -(2**63)], [7, -3, 0, 1, 2, 3, 4, 5]],  # int64, then int32
+    "price": [[1, 8, 30, 2, 0, 100, 9, 10], [3, 3, 3, 3, 1, 1, 1, 1]],
+    "genres": [[1, 2, 3, 4, 1, 2, 3, 4], [3, 2, 1, 0, 3, 2, 1, 0]],  # one value per item
+}
+
+
+def packed_auction(auction_id: str, part: int, packed: bool) -> object:
+    columns = {name: values[part] for name, values in PACKED_VALUES.items()}
+    if packed:
+        columns = {name: pack_column(values) for name, values in columns.items()}
+    return decoded(auction_id, {"user": "u2"}, {"item_id": list(range(8)), "features": columns})
+
+
+def test_packed_columns_encode_like_their_values_sent_one_by_one() -> None:
+    packed_encoder = AuctionEncoder(PACKED_SCHEMA, PACKED_VOCABULARY)
+    list_encoder = AuctionEncoder(PACKED_SCHEMA, PACKED_VOCABULARY)
+    assert len(pack_column(PACKED_VALUES["campaign"][0])) == 64 and len(pack_column(PACKED_VALUES["campaign"][1])) == 32
+    for part in (0, 1):
+        packed = packed_encoder.encode(packed_auction("p", part, packed=True))
+        listed = list_encoder.encode(packed_auction("l", part, packed=False))
+        assert_batches_equal(packed[1], listed[1])
+    # 7 -> 2, 5 -> rare ("05" is not the token of 5), -3 -> 4, 6 and 8 rare, 2^63-1 -> 8, 99 and -2^63 rare
+    campaign = packed_encoder.encode(packed_auction("p", 0, packed=True))[1].single[:, 0]
+    assert campaign.tolist() == [2, 1, 4, 1, 1, 8, 1, 1]
+
+
+def test_a_batch_mixing_packed_widths_and_lists_encodes_like_each_auction_alone() -> None:
+    encoder = AuctionEncoder(PACKED_SCHEMA, PACKED_VOCABULARY)
+    auctions = [packed_auction("a", 0, True), packed_auction("b", 1, True), packed_auction("c", 1, False)]
+    for chosen in (auctions[:2], auctions):  # all packed (two widths); packed and lists together
+        together = encoder.encode_many(chosen)
+        alone = [encoder.encode(auction)[1] for auction in chosen]
+        assert not together.errors
+        assert torch.equal(together.items.single, torch.cat([batch.single for batch in alone]))
+        assert together.items.bags[0].values[:, 0].tolist() == torch.cat([b.bags[0].values[:, 0] for b in alone]).tolist()
+
+
+def test_integer_index_equals_a_dictionary_on_colliding_keys() -> None:
+    rng = np.random.default_rng(3)
+    keys = np.unique(np.concatenate([rng.integers(-(2**62), 2**62, 3000), np.arange(-50, 50), 1024 * np.arange(100)]))
+    vocabulary = FieldVocabulary("f", [str(k) for k in rng.permutation(keys)])
+    index = _IntegerIndex(vocabulary)
+    queries = np.concatenate([keys, rng.integers(-(2**62), 2**62, 3000), 1024 * np.arange(100, 200)])
+    expected = [vocabulary.lookup_one(int(q)) for q in queries]
+    assert index.lookup(queries).tolist() == expected
+    assert index.keys.shape[0] >= 2 * len(keys)  # at most half full

@@ -8,7 +8,7 @@ from model_zoo.batch import FeatureBatch
 from model_zoo.bundle import load_bundle, save_bundle
 from model_zoo.catalog import ItemCatalog
 from model_zoo.mf import (
-    MFConfig, MFModel, Ratings, _sgd_epoch, initial_model, joint_sparsity, load_prepared_ratings,
+    BLOCK, MFConfig, MFModel, Ratings, _gather, _sgd_epoch, initial_model, joint_sparsity, load_prepared_ratings,
     load_ratings_dat, normal_threshold, planted_ratings, row_cutoffs, start_pruning, train_mf,
 )  # fmt: skip
 from model_zoo.models.dp_mf import DPMF
@@ -25,7 +25,7 @@ def planted():
 
 
 def planted_config(**update) -> MFConfig:
-    return MFConfig(dim=16, epochs=30, learning_rate=0.02, l2=0.02, **update)
+    return MFConfig(**{"dim": 16, "epochs": 30, "learning_rate": 0.02, "l2": 0.02, **update})
 
 
 def mean_rmse(splits) -> float:
@@ -40,7 +40,8 @@ def test_mf_learns_planted_low_rank_ratings(planted):
 
 @pytest.mark.parametrize("rule", ["count", "first_small"])
 def test_pruning_skips_work_as_the_rate_grows(planted, rule):
-    results = {rate: train_mf(planted, planted_config(pruning_rate=rate, cutoff_rule=rule)) for rate in (0.0, 0.25, 0.5)}
+    config = planted_config(dim=32, cutoff_rule=rule)  # 4 blocks of 8
+    results = {rate: train_mf(planted, config.model_copy(update={"pruning_rate": rate})) for rate in (0.0, 0.25, 0.5)}
     work = [results[rate].work for rate in (0.0, 0.25, 0.5)]
     assert work[0] > work[1] > work[2]
     # the first two epochs are dense; afterwards each rating stops at min(L_u, L_i)
@@ -48,8 +49,15 @@ def test_pruning_skips_work_as_the_rate_grows(planted, rule):
     assert results[0.5].history[1].work == results[0.0].history[1].work
     assert np.array_equal(model.user_cutoff, row_cutoffs(model.user_factors, model.threshold_p, rule))
     assert np.array_equal(model.item_cutoff, row_cutoffs(model.item_factors, model.threshold_q, rule))
-    if rule == "count":  # about a share ρ of each row is cut: work ≈ 1 − ρ, accuracy kept on rank 4 < k/2
-        assert 0.45 < work[2] / work[0] < 0.75
+    for cutoffs in (model.user_cutoff, model.item_cutoff):  # whole blocks of 8 floats only
+        assert np.all(cutoffs % BLOCK == 0) and cutoffs.min() >= 0 and cutoffs.max() <= 32
+    # the pruned prediction is the plain dot product of the masked factors (what serving uses)
+    user, item = model.masked_factors()
+    expected = model.mean + model.user_bias[planted.test.users] + model.item_bias[planted.test.items]
+    expected = expected + (user[planted.test.users] * item[planted.test.items]).sum(1)
+    np.testing.assert_allclose(model.predict(planted.test), expected, rtol=1e-5, atol=1e-5)
+    if rule == "count":  # about a share ρ of each row is cut (a little more: rounded down to whole blocks)
+        assert 0.3 < work[2] / work[0] < 0.7  # accuracy kept on rank 4 < k/2
         assert results[0.5].model.rmse(planted.test) < 1.1 * results[0.0].model.rmse(planted.test)
     else:  # the first small entry of either vector comes early: almost all work is cut
         assert work[2] / work[0] < 0.2
@@ -64,6 +72,9 @@ def test_sgd_kernel_equals_a_numpy_reference_with_cutoffs():
     )  # fmt: skip
     ratings = Ratings(np.array([0, 1, 2, 0, 2, 1]), np.array([1, 1, 0, 0, 1, 0]), np.array([4, 1, 5, 3, 2, 4], dtype=np.float32))
     order = np.array([5, 0, 3, 1, 4, 2])
+    visit = [np.empty(6, dtype=np.int32), np.empty(6, dtype=np.int32), np.empty(6, dtype=np.float32)]
+    _gather(order, ratings.users, ratings.items, ratings.ratings, *visit)
+    assert np.array_equal(visit[0], ratings.users[order]) and np.array_equal(visit[2], ratings.ratings[order])
     lr, l2 = 0.05, 0.1
     P, Q = model.user_factors.astype(np.float64), model.item_factors.astype(np.float64)
     bu, bi = model.user_bias.astype(np.float64), model.item_bias.astype(np.float64)
@@ -78,7 +89,7 @@ def test_sgd_kernel_equals_a_numpy_reference_with_cutoffs():
         P[u, :c], Q[i, :c] = P[u, :c] + lr * (error * Q[i, :c] - l2 * P[u, :c]), Q[i, :c] + lr * (error * P[u, :c] - l2 * Q[i, :c])
     original = model.user_factors.copy()
     squared_error, work = _sgd_epoch(
-        ratings.users, ratings.items, ratings.ratings, order, np.float32(model.mean), model.user_bias, model.item_bias,
+        *visit, np.float32(model.mean), model.user_bias, model.item_bias,
         model.user_factors, model.item_factors, model.user_cutoff, model.item_cutoff, np.float32(lr), np.float32(l2),
     )  # fmt: skip
     assert squared_error == pytest.approx(expected_error, rel=1e-5)
@@ -106,9 +117,13 @@ def test_thresholds_permutation_and_cutoffs():
     assert list(model.permutation[:4]) == [2, 4, 0, 3]  # densest (largest scale) first; the last two are all small
     sparsity = joint_sparsity(model, np.arange(50), np.arange(40))
     assert np.all(np.diff(sparsity) >= 0)
-    factors = np.array([[1.0, 0.1, 1.0, 0.1], [1.0, 1.0, 1.0, 1.0], [0.1, 1.0, 1.0, 1.0]])
-    assert row_cutoffs(factors, 0.5, "count").tolist() == [2, 4, 3]
-    assert row_cutoffs(factors, 0.5, "first_small").tolist() == [1, 4, 0]
+    # rows of 24: the raw cut-offs (k − #small, first small) are rounded down to whole blocks of 8
+    factors = np.ones((4, 24), dtype=np.float32)
+    factors[0, [1, 3]] = 0.1  # count 22 → 16, first small 1 → 0
+    factors[2, 0] = 0.1  # count 23 → 16, first small 0
+    factors[3, 17:] = 0.1  # count 17 → 16, first small 17 → 16
+    assert row_cutoffs(factors, 0.5, "count").tolist() == [16, 24, 16, 16]
+    assert row_cutoffs(factors, 0.5, "first_small").tolist() == [0, 24, 0, 16]
 
 
 def test_ratings_dat_loader(tmp_path):

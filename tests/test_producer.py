@@ -17,6 +17,7 @@ import pytest
 from kafka import TopicPartition
 
 from model_zoo.schema import FeatureSchema, FieldSpec, Kind, Role
+from model_zoo.vocab import FieldVocabulary, Vocabulary
 from streaming.admin import create_topics
 from streaming.broker import start_broker
 from streaming.encode import AuctionEncoder
@@ -38,6 +39,7 @@ from streaming.protocol import (
     encode_auction,
     encode_error,
     encode_reply,
+    unpack_column,
 )
 
 SCHEMA = FeatureSchema(
@@ -249,3 +251,30 @@ def test_dataset_auctions_map_back_to_the_dataset_indices(tmp_path: Path) -> Non
                 assert bag.values[row, : len(values)].tolist() == values
                 got = bag.weights[row, : len(values)].numpy()
                 np.testing.assert_allclose(got / got.sum(), np.array(weights) / sum(weights))
+
+
+def test_packed_format_packs_integer_columns_only() -> None:
+    schema = FeatureSchema(
+        fields=(
+            FieldSpec(name="user", role=Role.context, vocab_size=5),
+            FieldSpec(name="movie", role=Role.item, vocab_size=6),
+            FieldSpec(name="zip", role=Role.item, vocab_size=5),
+            FieldSpec(name="genres", role=Role.item, kind=Kind.multi, vocab_size=5),
+        )
+    )
+    vocabulary = Vocabulary(
+        [
+            FieldVocabulary("user", ["u1", "u2", "u3"]),
+            FieldVocabulary("movie", ["1193", "661", "914", "3408"]),  # integer tokens: packed
+            FieldVocabulary("zip", ["02138", "10001", "x"]),  # "02138" is not an integer's token: kept
+            FieldVocabulary("genres", ["1", "2", "3"]),  # bags: kept
+        ]
+    )
+    (template,) = synthetic_templates(schema, 1, 6, vocabulary=vocabulary, item_format="packed", seed=1)
+    auction = decode_auction(template.stamp("a", 1))
+    columns = auction.item_columns
+    assert type(columns["movie"]) is bytes and type(columns["zip"]) is list and type(columns["genres"]) is list
+    (listed,) = synthetic_templates(schema, 1, 6, vocabulary=vocabulary, item_format="columns", seed=1)
+    listed_columns = decode_auction(listed.stamp("a", 1)).item_columns
+    assert unpack_column(columns["movie"], 6).tolist() == [int(v) for v in listed_columns["movie"]]
+    assert columns["zip"] == listed_columns["zip"] and columns["genres"] == listed_columns["genres"]

@@ -19,7 +19,9 @@ from streaming.protocol import (
     encode_auction,
     encode_error,
     encode_reply,
+    pack_column,
     top_k_ids,
+    unpack_column,
 )
 
 CONTEXT = {"user": "u1", "hour": 13, "genres": {"drama": 0.5, "comedy": 1.5}}
@@ -186,6 +188,11 @@ BAD = {
         "a-1",
     ),
     "empty columns": (pack(good_message(items={"item_id": [], "features": {}})), Reason.empty_items, "a-1"),
+    "packed column of wrong length": (
+        pack(good_message(items={"item_id": ["a", "b"], "features": {"price": b"\x01\x00\x00\x00\x02\x00"}})),
+        Reason.invalid_value,
+        "a-1",
+    ),
 }
 
 
@@ -221,3 +228,21 @@ def test_long_ids_rejected() -> None:
 
 def test_reason_values_are_their_names() -> None:
     assert all(reason.value == reason.name for reason in Reason)
+
+
+def test_packed_column_message_names_its_widths() -> None:
+    data = pack(good_message(items={"item_id": ["a", "b"], "features": {"price": bytes(12)}}))
+    with pytest.raises(ProtocolError) as caught:
+        decode_auction(data, LIMITS)
+    assert caught.value.message == "packed column 'price' has 12 bytes for 2 items (4 or 8 per item)"
+
+
+@pytest.mark.parametrize(
+    ("values", "width"), [([0, 5, -7, 2**31 - 1, -(2**31)], 4), ([0, 2**31, -(2**40), 2**63 - 1, -(2**63)], 8)]
+)
+def test_packed_column_round_trip_picks_the_narrowest_width(values: list[int], width: int) -> None:
+    packed = pack_column(values)
+    assert len(packed) == width * len(values)
+    auction = decode_auction(encode_auction("a", {}, {"item_id": list("abcde"), "features": {"f": packed}}))
+    assert auction.item_columns["f"] == packed  # carried as bytes; unpacked once per batch by the encoder
+    assert unpack_column(packed, len(values)).tolist() == values

@@ -21,7 +21,13 @@ from model_zoo.vocab import FieldVocabulary, Vocabulary
 from serve_app.config import ModelConfig, ScorerArgs
 from serve_app.runtime import ScoringRuntime
 from streaming.encode import AuctionEncoder
-from streaming.protocol import ProtocolLimits, decode_error, decode_reply, encode_auction
+from streaming.producer import synthetic_templates
+from streaming.protocol import (
+    ProtocolLimits,
+    decode_error,
+    decode_reply,
+    encode_auction,
+)
 
 SCHEMA = FeatureSchema(
     fields=(
@@ -206,3 +212,23 @@ def test_serve_config_file_is_what_serve_up_deploys() -> None:
     assert ScorerArgs.model_validate(generated_application.pop("args")) == args  # the file may omit defaults
     assert generated == {**config, "applications": [{k: v for k, v in application.items() if k != "args"}]}
     assert deployment["name"] == Scorer.name and deployment["num_replicas"] == args.num_replicas
+
+
+def test_packed_auctions_score_like_the_same_auctions_as_value_lists(tmp_path: Path) -> None:
+    """The benchmark's path: integer raw values through a bundle without a vocabulary
+    (identity), 20 auctions scored together, once packed and once as value lists."""
+    schema = FeatureSchema(
+        fields=tuple(FieldSpec(name=f"f{i}", role=Role.context if i < 3 else Role.item, vocab_size=50) for i in range(7))
+    )
+    torch.manual_seed(0)
+    bundle = save_bundle(tmp_path / "identity", build_model(schema, "dplr_fwfm", 4, rank=2))
+    runtime = ScoringRuntime(ModelConfig(bundle=str(bundle)))
+    replies = {}
+    for item_format in ("columns", "packed"):
+        templates = synthetic_templates(schema, 20, 30, item_format=item_format, seed=5)
+        report = runtime.score_messages([t.stamp(f"a{i}", 1) for i, t in enumerate(templates)])
+        assert report.errors == {} and report.auctions == 20
+        replies[item_format] = [decode_reply(r.value).scores for r in report.replies]
+    packed_template = synthetic_templates(schema, 1, 30, item_format="packed", seed=5)[0]
+    assert len(packed_template.stamp("a", 1)) < len(synthetic_templates(schema, 1, 30, item_format="rows", seed=5)[0].stamp("a", 1))
+    np.testing.assert_array_equal(np.array(replies["packed"]), np.array(replies["columns"]))
