@@ -281,7 +281,7 @@ def _check_count(count: int, limits: ProtocolLimits) -> None:
 
 
 def _check_ids(ids: list[ItemId], types: set[type], limits: ProtocolLimits) -> None:
-    """Id lengths; ``types`` is the set of the ids' types, already checked to be ``_ID_TYPES``."""
+    """Id lengths; ``types`` is the set of the ids' types, already checked to lie within ``_ID_TYPES``."""
     strings = [i for i in ids if type(i) is str] if int in types else ids
     if strings and max(map(len, strings)) > limits.max_id_length:
         raise ProtocolError(Reason.invalid_value, f"an item id is longer than {limits.max_id_length} characters")
