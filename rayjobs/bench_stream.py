@@ -37,6 +37,7 @@ from streaming.producer import (
 
 BACKLOG_P99_MS = 1000.0
 WARM_UP_RATE = 200.0
+WARM_UP_SECONDS = 3.0
 APP_NAME = "rankstream"
 
 
@@ -82,7 +83,8 @@ def deploy_scorer(bundle: Path, kafka: KafkaClientConfig, replicas: int, cache_s
 
 
 def offer(
-    kafka: KafkaClientConfig, templates: list[AuctionTemplate], rate: float, seconds: float, linger_ms: int
+    kafka: KafkaClientConfig, templates: list[AuctionTemplate], rate: float, seconds: float, linger_ms: int,
+    label: str = "offered",
 ) -> RatePoint:
     count = max(1, int(rate * seconds))
     load = LoadConfig(count=count, rate=rate, reply_timeout_s=15.0, progress=False, linger_ms=linger_ms)
@@ -90,7 +92,7 @@ def offer(
     point = RatePoint(offered=rate, seconds=seconds, report=report)
     latency = report.latency_ms
     print(
-        f"  offered {rate:6.0f}/s: throughput {report.throughput:7.0f}/s, missing {report.missing}, "
+        f"  {label} {rate:6.0f}/s: throughput {report.throughput:7.0f}/s, missing {report.missing}, "
         f"latency ms p50 {latency.p50:7.2f} p99 {latency.p99:8.2f} max {latency.max:8.2f}"
         + ("" if point.kept_up else "  <- not kept up")
     )
@@ -108,7 +110,8 @@ def measure(args: argparse.Namespace, work: Path, bundle: Path, templates: list[
         create_topics(kafka, TopicNames(), partitions=args.partitions)
         deploy_scorer(bundle, kafka, args.replicas, args.context_cache_size)
         try:
-            offer(kafka, templates, rate=WARM_UP_RATE, seconds=3, linger_ms=args.linger_ms)  # replicas assigned, caches filled
+            # replicas assigned, caches filled; also shows the latency floor of an unloaded stack
+            offer(kafka, templates, WARM_UP_RATE, WARM_UP_SECONDS, args.linger_ms, label="warm-up")
             return offer(kafka, templates, rate, args.seconds, args.linger_ms)
         finally:
             serve.delete(APP_NAME)  # the Kafka loops commit and close while their broker is up
