@@ -82,11 +82,16 @@ _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 _FIBONACCI = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio: multiplicative hashing
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _home_slot(value, shift):  # pragma: no cover - compiled
+    return np.int64((np.uint64(value) * _FIBONACCI) >> np.uint64(shift))
+
+
 @numba.njit(cache=True, nogil=True)
 def _hash_insert(table_keys, table_indices, keys, indices, shift):  # pragma: no cover - compiled
     mask = table_keys.shape[0] - 1
     for n in range(keys.shape[0]):
-        slot = np.int64((np.uint64(keys[n]) * _FIBONACCI) >> np.uint64(shift))
+        slot = _home_slot(keys[n], shift)
         while table_indices[slot] != 0:
             slot = (slot + 1) & mask
         table_keys[slot] = keys[n]
@@ -99,7 +104,7 @@ def _hash_lookup(table_keys, table_indices, values, shift):  # pragma: no cover 
     out = np.empty(values.shape[0], dtype=np.int64)
     for n in range(values.shape[0]):
         value = values[n]
-        slot = np.int64((np.uint64(value) * _FIBONACCI) >> np.uint64(shift))
+        slot = _home_slot(value, shift)
         found = RARE_INDEX
         while table_indices[slot] != 0:
             if table_keys[slot] == value:
@@ -126,12 +131,9 @@ class _FieldMapper:
         """Indices of a packed column (int64 raw values)."""
         if self.vocabulary.transform != "none":  # e.g. Criteo's log binning: the token path
             return self.column(values.tolist())
-        return self.integer_index().lookup(values)
-
-    def integer_index(self) -> _IntegerIndex:
         if self._integers is None:
             self._integers = _IntegerIndex(self.vocabulary)
-        return self._integers
+        return self._integers.lookup(values)
 
     def column(self, values: Sequence[Any]) -> np.ndarray:
         """Indices of a column of single values."""
@@ -335,7 +337,7 @@ class AuctionEncoder:
         """Build the item fields' integer indexes now (and load their compiled lookup), so
         the first packed auction is not the one that waits for it."""
         for mapper in self.item_side.mappers.values():
-            mapper.integer_index().lookup(np.zeros(1, dtype=np.int64))
+            mapper.packed(np.zeros(1, dtype=np.int64))
 
     def encode(self, auction: Auction) -> tuple[FeatureBatch, FeatureBatch]:
         """(context batch of 1 row, item batch of one row per item) of a feature-item auction."""
@@ -412,9 +414,8 @@ def _concatenate(parts: list[Sequence[Any] | bytes], counts: list[int]) -> Seque
     when every part is packed, else a list of raw values."""
     packed = [type(part) is bytes for part in parts]
     if parts and all(packed):
-        widths = {len(part) // count for part, count in zip(parts, counts)}
-        if len(widths) == 1:  # one buffer, one conversion
-            return np.frombuffer(b"".join(parts), dtype=f"<i{widths.pop()}").astype(np.int64)
+        if len({len(part) // count for part, count in zip(parts, counts)}) == 1:  # one width: one buffer, one conversion
+            return unpack_column(b"".join(parts), sum(counts))
         return np.concatenate([unpack_column(part, count) for part, count in zip(parts, counts)])
     if not any(packed) and len(parts) == 1:
         return parts[0]
