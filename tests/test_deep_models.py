@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_scoring_equivalence import random_rows
 
 from model_zoo.batch import Bag, FeatureBatch, join_context_items
 from model_zoo.bundle import load_bundle, save_bundle
@@ -27,20 +28,6 @@ def mixed_schema() -> FeatureSchema:
     return FeatureSchema(
         fields=tuple(FieldSpec(name=f"f{i}", role=r, kind=k, vocab_size=5 + i) for i, (r, k) in enumerate(zip(roles, kinds)))
     )
-
-
-def random_rows(schema: FeatureSchema, names, rows: int, rng: np.random.Generator) -> FeatureBatch:
-    columns = {}
-    for name in names:
-        spec = schema.field(name)
-        if spec.kind == Kind.single:
-            columns[name] = rng.integers(0, spec.vocab_size, size=rows)
-        else:
-            values = rng.integers(0, spec.vocab_size, size=(rows, 3))
-            weights = rng.uniform(0.0, 2.0, size=(rows, 3)).astype(np.float32)
-            weights[rng.random((rows, 3)) < 0.3] = 0.0
-            columns[name] = (values, weights)
-    return FeatureBatch.from_columns(schema, columns)
 
 
 def in_float64(batch: FeatureBatch) -> FeatureBatch:

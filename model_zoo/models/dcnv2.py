@@ -17,31 +17,23 @@ import torch
 from torch import Tensor, nn
 
 from model_zoo.models.base import rows_for
-from model_zoo.models.deep import DEFAULT_HIDDEN, DeepContext, DeepModel, joined_vectors
+from model_zoo.models.deep import DeepContext, DeepModel, joined_vectors
 from model_zoo.schema import FeatureSchema
 
 
 class DCNv2(DeepModel):
     base_kind = kind = "dcnv2"
 
-    def __init__(
-        self,
-        schema: FeatureSchema,
-        dim: int,
-        sets: int = 1,
-        hidden: tuple[int, ...] | list[int] = DEFAULT_HIDDEN,
-        cross_layers: int = 2,
-        sparse: bool = False,
-        init_std: float = 0.1,
-    ):
+    def __init__(self, schema: FeatureSchema, dim: int, cross_layers: int = 2, **options: Any):
+        """``options``: DeepModel's (sets, hidden, sparse, init_std)."""
         if cross_layers < 1:
             raise ValueError(f"cross_layers must be at least 1, got {cross_layers}")
-        super().__init__(schema, dim, sets=sets, hidden=hidden, sparse=sparse, init_std=init_std)
+        super().__init__(schema, dim, **options)
         self.cross_layers = cross_layers
         width = self.interaction_width()
         # Per set and layer: W_l (width × width) and b_l.
-        self.cross_weights = nn.Parameter(torch.empty(sets, cross_layers, width, width))
-        self.cross_biases = nn.Parameter(torch.zeros(sets, cross_layers, width))
+        self.cross_weights = nn.Parameter(torch.empty(self.sets, cross_layers, width, width))
+        self.cross_biases = nn.Parameter(torch.zeros(self.sets, cross_layers, width))
         for matrix in self.cross_weights.data.view(-1, width, width):
             nn.init.xavier_uniform_(matrix)
 

@@ -11,33 +11,28 @@ linear in z, so W z_CC + b is cached too. Per item:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from model_zoo.models.base import rows_for
-from model_zoo.models.deep import DEFAULT_HIDDEN, DeepContext, DeepModel
+from model_zoo.models.deep import DeepContext, DeepModel
 from model_zoo.schema import FeatureSchema
 
 
 class NFwFM(DeepModel):
     base_kind = kind = "nfwfm"
 
-    def __init__(
-        self,
-        schema: FeatureSchema,
-        dim: int,
-        sets: int = 1,
-        hidden: tuple[int, ...] | list[int] = DEFAULT_HIDDEN,
-        sparse: bool = False,
-        init_std: float = 0.1,
-    ):
-        super().__init__(schema, dim, sets=sets, hidden=hidden, sparse=sparse, init_std=init_std)
+    def __init__(self, schema: FeatureSchema, dim: int, **options: Any):
+        """``options``: DeepModel's (sets, hidden, sparse, init_std)."""
+        super().__init__(schema, dim, **options)
         m = schema.num_fields
         upper = torch.triu_indices(m, m, offset=1)
         self.register_buffer("upper_rows", upper[0], persistent=False)
         self.register_buffer("upper_cols", upper[1], persistent=False)
         # Per set the strict upper triangle of R; all ones = NFM's bi-interaction.
-        self.interaction_weights = nn.Parameter(torch.ones(sets, upper.shape[1]))
+        self.interaction_weights = nn.Parameter(torch.ones(self.sets, upper.shape[1]))
 
     def interaction_matrix(self, m: int) -> Tensor:
         size = self.schema.num_fields
