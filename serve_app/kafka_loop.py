@@ -12,9 +12,10 @@ seconds, so scaling the deployment re-spreads the partitions.
 
 Per poll: score the batch (``score`` uses one model for a whole batch, so a hot reload
 swaps models between batches, never inside one), send every reply, ``flush`` until
-the broker acknowledged them all, and only then commit the batch's offsets
-(asynchronously, so the next batch is scored meanwhile) — at-least-once: a crash
-before the commit makes the replacement score the batch again, never lose it.
+the broker acknowledged them all; only offsets of acknowledged batches are committed
+(asynchronously, at most every ``COMMIT_INTERVAL_S``, so the next batch is scored
+meanwhile) — at-least-once: a crash before the commit makes the replacement score
+those batches again, never lose them.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ ASSIGNMENT_REFRESH_S = 5.0
 # Tansu answers a fetch only when its max wait is over, data or not: this bounds each hop.
 FETCH_MAX_WAIT_MS = 5
 REPLY_LINGER_MS = 100
+# Each commit is a broker request; committing per poll batch (hundreds a second) costs
+# the broker CPU that the fetches need. A crash re-scores at most this much more.
+COMMIT_INTERVAL_S = 0.2
 REPLY_BATCH_BYTES = 256 * 1024  # well under the broker's default 1 MB message.max.bytes
 
 
@@ -66,6 +70,9 @@ class KafkaLoop(threading.Thread):
         self.stopping = threading.Event()
         self.error: BaseException | None = None
         self.committed = 0  # messages whose offsets were committed (logged at stop)
+        self.uncommitted = 0  # answered messages not yet in a commit
+        self.reply_partitions: dict[str, list[int]] = {}
+        self.batches = 0
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Finish the batch in hand, commit what was answered, close the clients."""
@@ -94,41 +101,57 @@ class KafkaLoop(threading.Thread):
         producer = self.kafka.producer(linger_ms=REPLY_LINGER_MS, batch_size=REPLY_BATCH_BYTES)
         flushed: dict[TopicPartition, OffsetAndMetadata] = {}  # next offsets whose replies are acknowledged
         try:
-            lag_refreshed = assignment_refreshed = 0.0
+            lag_refreshed = assignment_refreshed = committed_at = 0.0
             while not self.stopping.is_set():
                 if time.monotonic() - assignment_refreshed > ASSIGNMENT_REFRESH_S:
-                    self._assign(consumer)
+                    self._assign(consumer, flushed)
                     assignment_refreshed = time.monotonic()
                 polled = consumer.poll(timeout_ms=100) if consumer.assignment() else {}
                 if polled:
                     flushed.update(self._process(consumer, producer, polled))
+                    self.uncommitted += sum(len(batch) for batch in polled.values())
                 elif not consumer.assignment():
                     time.sleep(0.1)  # more replicas than partitions: this one idles
+                if self.uncommitted and time.monotonic() - committed_at > COMMIT_INTERVAL_S:
+                    # Commits of one partition are in order; one that fails leaves its
+                    # batches to be re-scored after a restart (duplicate replies, which
+                    # consumers drop by auction id), never lost.
+                    consumer.commit_async(dict(flushed), callback=partial(self._on_commit, self.uncommitted))
+                    self.uncommitted, committed_at = 0, time.monotonic()
                 if time.monotonic() - lag_refreshed > LAG_REFRESH_S:
                     self.on_lag(_lag(consumer))
                     lag_refreshed = time.monotonic()
-            if flushed:
-                consumer.commit(flushed)  # the asynchronous commits may still be in flight
+            self._commit(consumer, flushed)  # the asynchronous commits may still be in flight
         finally:
             try:
                 consumer.close(autocommit=False)
             finally:
                 producer.close()
 
-    def _assign(self, consumer: Any) -> None:
+    def _commit(self, consumer: Any, flushed: dict[TopicPartition, OffsetAndMetadata]) -> None:
+        if flushed:
+            consumer.commit(dict(flushed))
+            self.committed += self.uncommitted
+            self.uncommitted = 0
+
+    def _assign(self, consumer: Any, flushed: dict[TopicPartition, OffsetAndMetadata]) -> None:
         partitions = consumer.partitions_for_topic(self.topics.auctions)
         if not partitions:
             raise RuntimeError(f"topic {self.topics.auctions!r} does not exist")
+        self.reply_partitions.clear()  # re-read: topics may have grown
         rank, replicas = self.membership()
         wanted = {TopicPartition(self.topics.auctions, p) for p in partitions if p % replicas == rank}
         if wanted != consumer.assignment():
+            self._commit(consumer, flushed)  # what this replica answered is not scored again by the next owner
+            for partition in flushed.keys() - wanted:
+                del flushed[partition]  # never commit over the next owner's offsets
             consumer.assign(sorted(wanted))
             logger.info("replica %d of %d reads partitions %s", rank, replicas, sorted(p.partition for p in wanted))
 
     def _process(
         self, consumer: Any, producer: Any, polled: dict[TopicPartition, list[Any]]
     ) -> dict[TopicPartition, OffsetAndMetadata]:
-        """Score, reply, and commit a polled batch; returns the offsets committed."""
+        """Score a polled batch and reply; returns the offsets now safe to commit."""
         received_at = now_ms()
         records = [record for batch in polled.values() for record in batch]
         report = self.score(
@@ -136,17 +159,22 @@ class KafkaLoop(threading.Thread):
             received_at,
             [{"topic": r.topic, "partition": r.partition, "offset": r.offset} for r in records],
         )
+        self.batches += 1
         for reply in report.replies:
             topic = self.topics.dlq if reply.reason is not None else reply.reply_to or self.topics.scores
             key = reply.auction_id.encode() if reply.auction_id is not None else None
-            producer.send(topic, key=key, value=reply.value)
+            producer.send(topic, key=key, value=reply.value, partition=self._reply_partition(producer, topic))
         producer.flush()  # raises if a reply could not be written: nothing is committed then
-        offsets = {tp: OffsetAndMetadata(batch[-1].offset + 1, "", -1) for tp, batch in polled.items()}
-        # Asynchronous: the next batch is scored meanwhile. Commits of one partition are
-        # in order; one that fails leaves its batch to be re-scored after a restart
-        # (a duplicate reply, which consumers drop by auction id), never lost.
-        consumer.commit_async(offsets, callback=partial(self._on_commit, len(records)))
-        return offsets
+        return {tp: OffsetAndMetadata(batch[-1].offset + 1, "", -1) for tp, batch in polled.items()}
+
+    def _reply_partition(self, producer: Any, topic: str) -> int:
+        """One partition per topic for a whole poll batch, rotating between batches: one
+        record batch per flush instead of one per partition the keys hash to (the
+        embedded broker's cost grows with the number of record batches it holds)."""
+        partitions = self.reply_partitions.get(topic)
+        if partitions is None:
+            partitions = self.reply_partitions[topic] = sorted(producer.partitions_for(topic))
+        return partitions[self.batches % len(partitions)]
 
     def _on_commit(self, count: int, offsets: object, result: object) -> None:
         if isinstance(result, Exception):

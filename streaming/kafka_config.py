@@ -34,7 +34,8 @@ class TopicNames(BaseModel):
 
 
 class KafkaClientConfig(BaseModel):
-    """Connection and security settings, passed through to kafka-python clients."""
+    """Connection and security settings, passed through to kafka-python clients (the
+    scorer, admin) and librdkafka ones (the load generator, ``librdkafka``)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -73,6 +74,26 @@ class KafkaClientConfig(BaseModel):
                 if value is not None:
                     kwargs[key] = str(value)
         return kwargs
+
+    def librdkafka(self, **overrides: Any) -> dict[str, Any]:
+        """The same settings as a confluent-kafka (librdkafka) configuration;
+        ``overrides`` use librdkafka's dotted names."""
+        kwargs = self.client_kwargs()
+        names = {
+            "client_id": "client.id",
+            "security_protocol": "security.protocol",
+            "sasl_mechanism": "sasl.mechanism",
+            "sasl_plain_username": "sasl.username",
+            "sasl_plain_password": "sasl.password",
+            "ssl_cafile": "ssl.ca.location",
+            "ssl_certfile": "ssl.certificate.location",
+            "ssl_keyfile": "ssl.key.location",
+        }
+        config: dict[str, Any] = {"bootstrap.servers": self.bootstrap_servers}
+        config.update({names[key]: value for key, value in kwargs.items() if key in names})
+        if kwargs.get("ssl_check_hostname") is False:
+            config["ssl.endpoint.identification.algorithm"] = "none"
+        return {**config, **overrides}
 
     def producer(self, **overrides: Any) -> Any:
         from kafka import KafkaProducer

@@ -157,6 +157,18 @@ def test_kafka_flags_pass_through_to_clients() -> None:
         "ssl_check_hostname": True,
         "ssl_cafile": "/etc/ca.pem",
     }
+    assert config.librdkafka(**{"linger.ms": 5}) == {
+        "bootstrap.servers": "k1:9093,k2:9093",
+        "client.id": "rankstream",
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "scorer",
+        "sasl.password": "s3cret",
+        "ssl.ca.location": "/etc/ca.pem",
+        "linger.ms": 5,
+    }
+    no_hostname_check = KafkaClientConfig(bootstrap_servers="k:9093", security_protocol="SSL", ssl_check_hostname=False)
+    assert no_hostname_check.librdkafka()["ssl.endpoint.identification.algorithm"] == "none"
     assert "s3cret" not in repr(config)
     assert topic_names_from_args(args) == TopicNames(auctions="bids")
 

@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from collections import defaultdict
 from collections.abc import Iterator
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +41,6 @@ from streaming.admin import create_topics
 from streaming.broker import free_port, start_broker
 from streaming.encode import AuctionEncoder
 from streaming.kafka_config import KafkaClientConfig, TopicNames
-from streaming.producer import skip_to_end
 from streaming.protocol import decode_auction, decode_error, decode_reply, encode_auction
 
 pytestmark = pytest.mark.slow
@@ -194,6 +194,20 @@ class Exchange:
 
     def answered(self, keys: list[str | bytes]) -> bool:
         return all(k in self.replies or k in self.errors for k in keys)
+
+
+def skip_to_end(consumer: Any, partitions: list[TopicPartition], timeout_s: float = 10.0) -> None:
+    """Position the consumer at the true end of its partitions (Tansu answers ListOffsets
+    "latest" with the last record batch's base offset + 1; fetches carry the real high
+    watermark) — the kafka-python twin of the load generator's ``_skip_to_end``."""
+    consumer.seek_to_end(*partitions)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        consumer.poll(timeout_ms=50)
+        watermarks = [consumer.highwater(p) for p in partitions]
+        if all(w is not None and consumer.position(p) >= w for p, w in zip(partitions, watermarks)):
+            return
+    raise TimeoutError(f"could not reach the end of the reply topics within {timeout_s} s")
 
 
 def exchange(
