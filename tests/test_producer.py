@@ -64,6 +64,7 @@ class EchoScorer(threading.Thread):
         self.encoder = AuctionEncoder(SCHEMA, limits=LIMITS)
         self.stopping = threading.Event()
         self.error: BaseException | None = None
+        self.partition_of: dict[bytes, int] = {}  # auction key -> partition it arrived on
 
     def run(self) -> None:
         consumer = self.config.consumer(enable_auto_commit=False, group_id=None, fetch_max_wait_ms=10)
@@ -85,6 +86,7 @@ class EchoScorer(threading.Thread):
     def answer(self, records: list, producer) -> None:
         auctions, originals = [], []
         for record in records:
+            self.partition_of[record.key] = record.partition
             try:
                 auction = decode_auction(record.value, LIMITS)
                 if auction.model not in (None, "echo"):
@@ -118,7 +120,7 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[KafkaClien
         create_topics(config, ["private.replies"], partitions=1)
         scorer = EchoScorer(config, topics)
         scorer.start()
-        yield config, topics
+        yield config, topics, scorer
         assert scorer.error is None, scorer.error
     finally:
         if scorer is not None:
@@ -128,7 +130,7 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[KafkaClien
 
 
 def test_matching_missing_duplicates_and_latency(kafka) -> None:
-    config, topics = kafka
+    config, topics, _ = kafka
     templates = synthetic_templates(SCHEMA, 7, 5, seed=1)
     report = run_load(config, templates, LoadConfig(count=200, reply_timeout_s=2, progress=False), topics)
     assert report.sent == 200 and report.items_sent == 1000
@@ -144,7 +146,7 @@ def test_matching_missing_duplicates_and_latency(kafka) -> None:
 
 
 def test_bad_auctions_land_in_the_dead_letter_topic(kafka) -> None:
-    config, topics = kafka
+    config, topics, _ = kafka
     good = encode_auction("good-1", {"user": 3}, [{"item_id": "a", "features": {"ad": 4, "tags": [5, 6]}}])
     bad = {
         "truncated": (good[:-4], Reason.malformed_msgpack),
@@ -174,7 +176,7 @@ def test_bad_auctions_land_in_the_dead_letter_topic(kafka) -> None:
 
 
 def test_rate_and_reply_to(kafka) -> None:
-    config, topics = kafka
+    config, topics, _ = kafka
     templates = templates_from_dicts([{"context": {"user": 1}, "items": ["m1"], "reply_to": "private.replies"}])
     load = LoadConfig(count=40, rate=100.0, reply_topic="private.replies", reply_timeout_s=2, progress=False)
     started = time.perf_counter()
@@ -184,10 +186,22 @@ def test_rate_and_reply_to(kafka) -> None:
     assert report.scored == 36 and report.duplicates == 4 and report.missing == 4
 
 
+def test_each_linger_window_goes_to_one_partition(kafka) -> None:
+    """Sticky partitioning: 40 auctions sent well within one 60-s linger window share a
+    partition (hashing their keys over 2 partitions would split them)."""
+    config, topics, scorer = kafka
+    before = set(scorer.partition_of)
+    templates = templates_from_dicts([{"context": {"user": 2}, "items": ["m3"]}])
+    report = run_load(config, templates, LoadConfig(count=40, linger_ms=60_000, reply_timeout_s=2, progress=False), topics)
+    assert report.scored + report.missing == 40
+    partitions = [p for key, p in scorer.partition_of.items() if key not in before]
+    assert len(partitions) == 40 and len(set(partitions)) == 1
+
+
 def test_produce_command_writes_the_report(kafka, tmp_path: Path) -> None:
     from rayjobs import produce
 
-    config, _ = kafka
+    config, _, _ = kafka
     parser = argparse.ArgumentParser()
     produce.register(parser.add_subparsers())
     out = tmp_path / "report.json"

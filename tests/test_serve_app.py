@@ -191,6 +191,7 @@ class Exchange:
     sent: dict[str, tuple[int, int]] = field(default_factory=dict)  # auction id -> (partition, offset)
     replies: dict[str, list] = field(default_factory=lambda: defaultdict(list))  # auction id -> ScoreReply list
     errors: dict[bytes, list] = field(default_factory=lambda: defaultdict(list))  # original bytes -> ErrorReply list
+    reply_partitions: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))  # auction id -> partitions
 
     def answered(self, keys: list[str | bytes]) -> bool:
         return all(k in self.replies or k in self.errors for k in keys)
@@ -235,6 +236,7 @@ def exchange(
                     else:
                         reply = decode_reply(record.value)
                         result.replies[reply.auction_id].append(reply)
+                        result.reply_partitions[reply.auction_id].append(partition.partition)
 
     collector = threading.Thread(target=collect, daemon=True)
     collector.start()
@@ -287,6 +289,14 @@ def test_a_thousand_auctions_each_scored_once_exactly_as_offline(stack: Stack) -
         if auction.top_k is not None:
             best = np.argsort(-expected, kind="stable")[: auction.top_k]
             assert reply.top_k == [auction.item_ids[i] for i in best]
+    # The replies of one poll batch (same served_at_ms and scoring_ms) share one
+    # partition, and the partition rotates between batches.
+    batches: dict[tuple[int, float], list[int]] = defaultdict(list)
+    for auction_id, replies in result.replies.items():
+        batches[replies[0].served_at_ms, replies[0].scoring_ms] += result.reply_partitions[auction_id]
+    assert max(len(partitions) for partitions in batches.values()) > 1  # batches of several auctions
+    assert all(len(set(partitions)) == 1 for partitions in batches.values())
+    assert len({p for partitions in batches.values() for p in partitions}) == PARTITIONS
 
 
 def bad_corpus() -> dict[bytes, str]:
