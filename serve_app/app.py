@@ -30,7 +30,7 @@ from ray.serve import Application
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from model_zoo.runtime import retain_freed_memory
+from model_zoo.runtime import freeze_heap, retain_freed_memory
 from serve_app.config import ModelConfig, ScorerArgs, ServiceConfig
 from serve_app.kafka_loop import KafkaLoop
 from serve_app.metrics import ScorerMetrics
@@ -77,6 +77,7 @@ class Scorer:
             runtime.model_version,
             config.bundle,
         )
+        freeze_heap()
         if self.loop is None and self.service.kafka is not None:
             self.loop = KafkaLoop(
                 self.service.kafka,

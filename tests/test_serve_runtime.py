@@ -4,6 +4,8 @@ and catalog auctions are scored from the catalog parquet."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from model_zoo.batch import join_context_items
 from model_zoo.bundle import save_bundle
 from model_zoo.context_cache import ContextCache
 from model_zoo.registry import KINDS, build_model
+from model_zoo.runtime import freeze_heap
 from model_zoo.schema import FeatureSchema, FieldSpec, Kind, Role
 from model_zoo.vocab import FieldVocabulary, Vocabulary
 from serve_app.config import ModelConfig, ScorerArgs
@@ -232,3 +235,22 @@ def test_packed_auctions_score_like_the_same_auctions_as_value_lists(tmp_path: P
     packed_template = synthetic_templates(schema, 1, 30, item_format="packed", seed=5)[0]
     assert len(packed_template.stamp("a", 1)) < len(synthetic_templates(schema, 1, 30, item_format="rows", seed=5)[0].stamp("a", 1))
     np.testing.assert_array_equal(np.array(replies["packed"]), np.array(replies["columns"]))
+
+
+def test_freeze_heap_hides_the_heap_from_the_collector_until_the_next_load() -> None:
+    class Node:
+        pass
+
+    node = Node()
+    node.cycle = node  # only the cycle collector can free it
+    alive = weakref.ref(node)
+    try:
+        freeze_heap()
+        assert gc.get_freeze_count() > 0
+        del node
+        gc.collect()
+        assert alive() is not None  # frozen: a full collection does not walk it
+        freeze_heap()  # the next load: what was frozen is collected first
+        assert alive() is None
+    finally:
+        gc.unfreeze()
