@@ -109,7 +109,7 @@ class KafkaLoop(threading.Thread):
                     assignment_refreshed = time.monotonic()
                 polled = consumer.poll(timeout_ms=100) if consumer.assignment() else {}
                 if polled:
-                    flushed.update(self._process(consumer, producer, polled))
+                    flushed.update(self._process(producer, polled))
                     self.uncommitted += sum(len(batch) for batch in polled.values())
                 elif not consumer.assignment():
                     time.sleep(0.1)  # more replicas than partitions: this one idles
@@ -149,9 +149,7 @@ class KafkaLoop(threading.Thread):
             consumer.assign(sorted(wanted))
             logger.info("replica %d of %d reads partitions %s", rank, replicas, sorted(p.partition for p in wanted))
 
-    def _process(
-        self, consumer: Any, producer: Any, polled: dict[TopicPartition, list[Any]]
-    ) -> dict[TopicPartition, OffsetAndMetadata]:
+    def _process(self, producer: Any, polled: dict[TopicPartition, list[Any]]) -> dict[TopicPartition, OffsetAndMetadata]:
         """Score a polled batch and reply; returns the offsets now safe to commit."""
         received_at = now_ms()
         records = [record for batch in polled.values() for record in batch]
