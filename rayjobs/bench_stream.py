@@ -21,7 +21,6 @@ from pydantic import BaseModel
 
 from model_zoo.bundle import save_bundle
 from model_zoo.registry import build_model
-from model_zoo.runtime import freeze_heap
 from rayjobs.bench import write_results
 from rayjobs.bench_scoring import grid_schema
 from serve_app.config import ModelConfig, ScorerArgs
@@ -129,7 +128,6 @@ def run(args: argparse.Namespace) -> StreamBenchmark:
     templates = synthetic_templates(schema, args.distinct, args.items, item_format=args.item_format, seed=args.seed)
     print(f"{args.replicas} scorer replica(s) on a local Ray; each rate on a fresh broker and deployment")
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    freeze_heap()  # the load generator's own collections must not stall the replies it times
     try:
         print("rate steps:")
         steps, sustained = [], 0.0

@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from model_zoo.runtime import freeze_heap
 from streaming.kafka_config import add_kafka_arguments, kafka_config_from_args, topic_names_from_args
 from streaming.producer import (
     AuctionTemplate,
@@ -91,7 +90,6 @@ def handle(args: argparse.Namespace) -> int:
         reply_topic=args.reply_to,
         progress=not args.no_progress,
     )
-    freeze_heap()  # a full collection of the templates would stall the replies being timed
     report = run_load(config, templates, load, topic_names_from_args(args))
     print_report(report)
     if args.json:

@@ -31,15 +31,13 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from serve_app.runtime import BatchReport
-from streaming.kafka_config import KafkaClientConfig, TopicNames
+from streaming.kafka_config import FETCH_MAX_WAIT_MS, KafkaClientConfig, TopicNames
 from streaming.protocol import now_ms
 
 logger = logging.getLogger("ray.serve")  # the replica's log file and the dashboard's log view
 
 LAG_REFRESH_S = 1.0
 ASSIGNMENT_REFRESH_S = 5.0
-# Tansu answers a fetch only when its max wait is over, data or not: this bounds each hop.
-FETCH_MAX_WAIT_MS = 5
 REPLY_LINGER_MS = 100
 # Each commit is a broker request; committing per poll batch (hundreds a second) costs
 # the broker CPU that the fetches need. A crash re-scores at most this much more.

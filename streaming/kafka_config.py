@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 BOOTSTRAP_ENV = "RANKSTREAM_BOOTSTRAP_SERVERS"
 SASL_PASSWORD_ENV = "RANKSTREAM_KAFKA_SASL_PASSWORD"
+# Tansu answers a fetch only when its max wait is over, data or not: this bounds each
+# hop (the scorer's and the load generator's consumers).
+FETCH_MAX_WAIT_MS = 5
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"]

@@ -24,13 +24,13 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from model_zoo.schema import MISSING_INDEX, RESERVED_INDICES, FeatureSchema, Kind
+from model_zoo.runtime import freeze_heap
 from model_zoo.vocab import Vocabulary
-from streaming.kafka_config import KafkaClientConfig, TopicNames
+from streaming.kafka_config import FETCH_MAX_WAIT_MS, KafkaClientConfig, TopicNames
 from streaming.protocol import PROTOCOL_VERSION, ProtocolError, decode_error, decode_reply, now_ms, pack_column
 
 ItemFormat = Literal["rows", "columns", "packed"]  # packed: columns, with integer columns as packed binary
 _RARE_TOKEN = "\x00rare"  # a raw value no vocabulary holds: maps to the rare index
-REPLY_FETCH_WAIT_MS = 5  # Tansu answers a fetch only when its max wait is over: this bounds the reply hop
 
 
 class AuctionTemplate:
@@ -371,7 +371,7 @@ def run_load(
     consumer = Consumer(config.librdkafka(**{
         "group.id": f"rankstream-load-{run_id}",  # librdkafka wants one; partitions are assigned, nothing committed
         "enable.auto.commit": False,
-        "fetch.wait.max.ms": REPLY_FETCH_WAIT_MS,
+        "fetch.wait.max.ms": FETCH_MAX_WAIT_MS,
     }))  # fmt: skip
     producer = collector = None
     failures: list[str] = []
@@ -386,6 +386,7 @@ def run_load(
         # send can only duplicate an auction, which shows as a duplicate reply.
         producer = Producer(config.librdkafka(**{"linger.ms": load.linger_ms, "acks": "all"}))
         producer.list_topics(topics.auctions, timeout=10)  # connected before the clock starts
+        freeze_heap()  # a full collection of this process (templates, Ray) would stall the replies being timed
 
         def on_delivery(error: Any, _record: Any) -> None:
             if error is not None:
