@@ -22,13 +22,20 @@ from model_zoo.models.base import ContextState
 State = TypeVar("State", bound=ContextState)
 
 
+def _is_field_names(value: Any) -> bool:
+    """A tuple of field names (or empty): shared by every row, never split or joined."""
+    return isinstance(value, tuple) and (not value or isinstance(value[0], str))
+
+
 def _map_rows(value: Any, tensor_op: Callable[[Tensor], Tensor]) -> Any:
     if isinstance(value, Tensor):
         return tensor_op(value)
-    if dataclasses.is_dataclass(value):
-        return type(value)(**{f.name: _map_rows(getattr(value, f.name), tensor_op) for f in dataclasses.fields(value)})
+    if _is_field_names(value):
+        return value  # not walked name by name: that was most of a cache miss's cost
     if isinstance(value, tuple):
         return tuple(_map_rows(v, tensor_op) for v in value)
+    if dataclasses.is_dataclass(value):
+        return type(value)(**{f.name: _map_rows(getattr(value, f.name), tensor_op) for f in dataclasses.fields(value)})
     return value
 
 
@@ -36,10 +43,12 @@ def _join(values: Sequence[Any]) -> Any:
     first = values[0]
     if isinstance(first, Tensor):
         return torch.cat(values)
+    if _is_field_names(first):
+        return first
+    if isinstance(first, tuple):
+        return tuple(_join([v[i] for v in values]) for i in range(len(first)))
     if dataclasses.is_dataclass(first):
         return type(first)(**{f.name: _join([getattr(v, f.name) for v in values]) for f in dataclasses.fields(first)})
-    if isinstance(first, tuple) and first and not isinstance(first[0], str):
-        return tuple(_join([v[i] for v in values]) for i in range(len(first)))
     return first
 
 

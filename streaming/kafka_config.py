@@ -17,8 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 BOOTSTRAP_ENV = "RANKSTREAM_BOOTSTRAP_SERVERS"
 SASL_PASSWORD_ENV = "RANKSTREAM_KAFKA_SASL_PASSWORD"
-# Tansu answers a fetch only when its max wait is over, data or not: this bounds each
-# hop (the scorer's and the load generator's consumers).
+# Tansu answers a waiting fetch some time after data arrives, the later the longer the
+# fetch's max wait (docs/protocol.md): a short one keeps each hop (the scorer's and the
+# load generator's consumers) short.
 FETCH_MAX_WAIT_MS = 5
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]

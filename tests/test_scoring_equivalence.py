@@ -155,4 +155,9 @@ def test_derived_tables_follow_parameter_and_mask_updates():
                 model.embedding.vectors.weight.mul_(1.5)  # as an optimizer step would
             cached = model.score_items(model.encode_context(context), items)
             expected = model(join_context_items(schema, context, items))
+            torch.testing.assert_close(cached, expected, rtol=1e-5, atol=1e-5)
+            # Parameters replaced by new tensors (load_state_dict(assign=True)), not updated.
+            model.load_state_dict({name: value * 0.5 for name, value in model.state_dict().items()}, assign=True)
+            cached = model.score_items(model.encode_context(context), items)
+            expected = model(join_context_items(schema, context, items))
         torch.testing.assert_close(cached, expected, rtol=1e-5, atol=1e-5)
