@@ -31,7 +31,7 @@ def _map_rows(value: Any, tensor_op: Callable[[Tensor], Tensor]) -> Any:
     if isinstance(value, Tensor):
         return tensor_op(value)
     if _is_field_names(value):
-        return value  # not walked name by name: that was most of a cache miss's cost
+        return value  # not walked name by name: that was most of state_row's cost
     if isinstance(value, tuple):
         return tuple(_map_rows(v, tensor_op) for v in value)
     if dataclasses.is_dataclass(value):
