@@ -271,12 +271,36 @@ def exchange(
     return result
 
 
+def unanswered(stack: Stack, result: Exchange, auctions: list[tuple[str, bytes]]) -> str:
+    """Where each unanswered auction went, for the failure message: the partition and
+    offset it was sent to, and any record for it on the reply topics read from the start
+    (one there means the collector missed it; none, that no replica answered it)."""
+    missing = {a for a, _ in auctions if a not in result.replies}
+    consumer = stack.kafka.consumer(group_id=None, enable_auto_commit=False, fetch_max_wait_ms=20)
+    partitions = [TopicPartition(t, p) for t in (stack.topics.scores, stack.topics.dlq) for p in range(PARTITIONS)]
+    consumer.assign(partitions)
+    consumer.seek_to_beginning(*partitions)
+    on_reply_topics: dict[str, list[tuple[str, int, int]]] = defaultdict(list)
+    idle_polls = 0
+    while idle_polls < 20:
+        polled = consumer.poll(timeout_ms=100)
+        idle_polls = 0 if polled else idle_polls + 1
+        for partition, records in polled.items():
+            for record in records:
+                if record.key is not None and record.key.decode() in missing:
+                    on_reply_topics[record.key.decode()].append((partition.topic, partition.partition, record.offset))
+    consumer.close()
+    return "; ".join(
+        f"{a} sent to (partition, offset) {result.sent.get(a)}, on the reply topics: {on_reply_topics.get(a, [])}"
+        for a in sorted(missing)
+    )
+
+
 def test_a_thousand_auctions_each_scored_once_exactly_as_offline(stack: Stack) -> None:
     auctions = make_auctions(1000, seed=0, prefix="exact")
     result = exchange(stack, auctions)
     assert not result.errors
-    missing = [a for a, _ in auctions if a not in result.replies]
-    assert missing == []
+    assert [a for a, _ in auctions if a not in result.replies] == [], unanswered(stack, result, auctions)
     assert {a: len(r) for a, r in result.replies.items() if len(r) != 1} == {}  # no duplicates
     bundle = stack.bundles[stack.serving]
     version = load_bundle(bundle).model_version
@@ -406,7 +430,7 @@ def test_hot_reload_under_load_loses_nothing_and_switches_version_once(stack: St
     versions = {v: load_bundle(path).model_version for v, path in stack.bundles.items()}
     auctions = make_auctions(1500, seed=2, prefix="reload")
     result = exchange(stack, auctions, rate=150, during=(2.0, lambda: stack.serve_up("v2")))
-    assert [a for a, _ in auctions if a not in result.replies] == []
+    assert [a for a, _ in auctions if a not in result.replies] == [], unanswered(stack, result, auctions)
     assert not result.errors
     by_partition: dict[int, list[tuple[int, str]]] = defaultdict(list)
     for auction_id, _ in auctions:
@@ -428,7 +452,7 @@ def test_killing_a_replica_mid_stream_loses_no_auction(stack: Stack) -> None:
     victim = next(iter(stack.replicas().values()))
     auctions = make_auctions(1500, seed=3, prefix="kill")
     result = exchange(stack, auctions, rate=150, during=(2.0, lambda: os.kill(victim, signal.SIGKILL)), timeout_s=240)
-    assert [a for a, _ in auctions if a not in result.replies] == []
+    assert [a for a, _ in auctions if a not in result.replies] == [], unanswered(stack, result, auctions)
     duplicates = sum(len(r) - 1 for r in result.replies.values())
     print(f"replica {victim} killed: 1500 auctions answered, {duplicates} duplicate replies")
     assert victim not in stack.replicas().values()
