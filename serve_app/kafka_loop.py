@@ -70,6 +70,7 @@ class KafkaLoop(threading.Thread):
         self.committed = 0  # messages whose offsets were committed (logged at stop)
         self.uncommitted = 0  # answered messages not yet in a commit
         self.reply_partitions: dict[str, list[int]] = {}
+        self.rank, self.replicas = 0, 1  # as of the last assignment
         self.batches = 0
 
     def stop(self, timeout_s: float = 30.0) -> None:
@@ -138,14 +139,14 @@ class KafkaLoop(threading.Thread):
         if not partitions:
             raise RuntimeError(f"topic {self.topics.auctions!r} does not exist")
         self.reply_partitions.clear()  # re-read: topics may have grown
-        rank, replicas = self.membership()
-        wanted = {TopicPartition(self.topics.auctions, p) for p in partitions if p % replicas == rank}
+        self.rank, self.replicas = self.membership()
+        wanted = {TopicPartition(self.topics.auctions, p) for p in partitions if p % self.replicas == self.rank}
         if wanted != consumer.assignment():
             self._commit(consumer, flushed)  # what this replica answered is not scored again by the next owner
             for partition in flushed.keys() - wanted:
                 del flushed[partition]  # never commit over the next owner's offsets
             consumer.assign(sorted(wanted))
-            logger.info("replica %d of %d reads partitions %s", rank, replicas, sorted(p.partition for p in wanted))
+            logger.info("replica %d of %d reads partitions %s", self.rank, self.replicas, sorted(p.partition for p in wanted))
 
     def _process(self, producer: Any, polled: dict[TopicPartition, list[Any]]) -> dict[TopicPartition, OffsetAndMetadata]:
         """Score a polled batch and reply; returns the offsets now safe to commit."""
@@ -167,10 +168,16 @@ class KafkaLoop(threading.Thread):
     def _reply_partition(self, producer: Any, topic: str) -> int:
         """One partition per topic for a whole poll batch, rotating between batches: one
         record batch per flush instead of one per partition the keys hash to (the
-        embedded broker's cost grows with the number of record batches it holds)."""
+        embedded broker's cost grows with the number of record batches it holds).
+        Only this replica's share of the partitions (p mod N = rank, as for auctions),
+        unless the topic has fewer partitions than replicas: the embedded broker can let
+        a consumer skip a record batch that another producer was writing to the same
+        partition at the same time (docs/protocol.md)."""
         partitions = self.reply_partitions.get(topic)
         if partitions is None:
-            partitions = self.reply_partitions[topic] = sorted(producer.partitions_for(topic))
+            every = sorted(producer.partitions_for(topic))
+            own = [p for p in every if p % self.replicas == self.rank]
+            partitions = self.reply_partitions[topic] = own or every
         return partitions[self.batches % len(partitions)]
 
     def _on_commit(self, count: int, offsets: object, result: object) -> None:

@@ -322,6 +322,10 @@ def test_a_thousand_auctions_each_scored_once_exactly_as_offline(stack: Stack) -
     assert max(len(partitions) for partitions in batches.values()) > 1  # batches of several auctions
     assert all(len(set(partitions)) == 1 for partitions in batches.values())
     assert len({p for partitions in batches.values() for p in partitions}) >= 2
+    # Each replica replies only on its own share of the partitions (p mod N = rank, as it
+    # reads the auctions): no two replicas write one reply partition at the same time.
+    assert {a: (result.sent[a][0], p) for a, p in result.reply_partitions.items()
+            if p[0] % REPLICAS != result.sent[a][0] % REPLICAS} == {}
 
 
 def bad_corpus() -> dict[bytes, str]:
