@@ -1,9 +1,21 @@
 """``rankstream cluster up|down|status``: a local Ray head for submitting jobs.
 
+Safe by default on a shared host, in two layers:
+- every Ray port listens on the loopback address only: the head runs with
+  ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, Ray's switch for single-machine clusters,
+  under which the node address is 127.0.0.1 (on Linux Ray otherwise replaces a loopback
+  ``--node-ip-address`` with the machine's external address, and the GCS, raylets and
+  agents listen on every interface);
+- Ray token authentication: ``up`` keeps a token in Ray's default token file
+  (``~/.ray/auth_token``, readable by the user only) and starts the head with
+  ``RAY_AUTH_MODE=token``, so local processes of other users cannot use the GCS or the
+  dashboard's job API either. Commands here send the token themselves; ``ray job
+  submit`` needs ``RAY_AUTH_MODE=token`` in its environment (``ray_environment()``).
+
 The head runs with this Python environment's ``bin`` first on its PATH, so a job's
-``python -m rayjobs.…`` entrypoint finds Ray and rankstream; its dashboard (and job
-API) binds to 127.0.0.1. Ray's GCS listens on every interface whatever the node
-address, so on a shared host keep its port firewalled.
+``python -m rayjobs.…`` entrypoint finds Ray and rankstream. Every process the head
+starts carries ``RANKSTREAM_RAY_CLUSTER=<temp dir>`` in its environment, which is how
+``down`` finds them all (Ray's client server, for one, names no temp dir).
 """
 
 from __future__ import annotations
@@ -11,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -33,15 +46,41 @@ class LocalCluster:
     temp_dir: str
 
 
+CLUSTER_ENV = "RANKSTREAM_RAY_CLUSTER"  # marks every process of one local cluster
+
+
+def token_file() -> Path:
+    """Ray's default token file, which `ray job submit` reads with RAY_AUTH_MODE=token."""
+    return Path.home() / ".ray" / "auth_token"
+
+
+def ensure_token() -> Path:
+    """The token file, created if absent, readable by the user only (Ray's own
+    ``ray.init()`` writes it with the default umask)."""
+    path = token_file()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not path.is_file() or not path.read_text().strip():
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as handle:
+            handle.write(secrets.token_hex(32))
+    path.chmod(0o600)
+    return path
+
+
+def auth_headers() -> dict[str, str]:
+    """The HTTP header that authenticates to the dashboard (and job API) of a local head."""
+    path = token_file()
+    return {"Authorization": f"Bearer {path.read_text().strip()}"} if path.is_file() else {}
+
+
 def ray_environment() -> dict[str, str]:
-    """The environment Ray commands run with: this venv first on PATH, and token auth off
-    (the dashboard and job API listen on 127.0.0.1 only), so a token left in ~/.ray by an
-    earlier local ray.init() cannot switch the head to token auth behind the user's back."""
+    """The environment of Ray commands that talk to (or are) a local head: this venv first
+    on PATH, token authentication with the token file, and the loopback node address."""
     environment = dict(os.environ)
     environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment.get('PATH', '')}"
-    # Forced: an in-process ray.init() sets RAY_AUTH_MODE=token in os.environ, and a head
-    # started with it answers the local dashboard and job API with 401 only.
-    environment["RAY_AUTH_MODE"] = "disabled"
+    environment["RAY_AUTH_MODE"] = "token"
+    environment["RAY_AUTH_TOKEN_PATH"] = str(token_file())
+    environment.pop("RAY_AUTH_TOKEN", None)  # e.g. a remote cluster's token (docs/deploy.md)
+    environment["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     return environment
 
 
@@ -54,15 +93,17 @@ def cluster_up(num_cpus: int, port: int, dashboard_port: int, temp_dir: str) -> 
     if existing is not None:
         return existing
     Path(temp_dir).mkdir(parents=True, exist_ok=True)
+    ensure_token()
     command = [
         str(Path(sys.executable).parent / "ray"), "start", "--head",
         f"--num-cpus={num_cpus}", f"--port={port}",
         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
         "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats",
-        # Its default (52365) is fixed: a second cluster on the machine would have no job agent.
-        f"--dashboard-agent-listen-port={free_port()}",
+        # Their defaults (52365, 10001) are fixed: a second cluster on the machine would lack them.
+        f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
     ]
-    result = subprocess.run(command, env=ray_environment(), capture_output=True, text=True)
+    environment = {**ray_environment(), CLUSTER_ENV: _marker(temp_dir)}
+    result = subprocess.run(command, env=environment, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"ray start failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
     cluster = LocalCluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}", temp_dir)
@@ -84,20 +125,14 @@ def cluster_status(temp_dir: str) -> LocalCluster | None:
 
 
 def cluster_down(temp_dir: str, timeout_s: float = 15.0) -> None:
-    """Stop the head recorded in ``temp_dir`` and its workers — only that one: `ray stop`
-    would stop every Ray cluster of the machine. Its processes are the ones whose command
-    line names the temp dir (GCS, raylet, dashboard, monitors) and their children."""
-    marker = str(Path(temp_dir).resolve())
-    me = psutil.Process()
-    spared = {me.pid, *(p.pid for p in me.parents())}  # e.g. this very `cluster down --temp-dir …`
-    roots = []
-    for process in psutil.process_iter(["cmdline"]):
-        if process.pid not in spared and any(marker in part for part in process.info["cmdline"] or ()):
-            roots.append(process)
-    victims = {p.pid: p for root in roots for p in [root, *_children(root)]}
-    for process in victims.values():
+    """Stop the head recorded in ``temp_dir`` and everything it started — only that one:
+    `ray stop` would stop every Ray cluster of the machine. Its processes are those whose
+    environment carries this cluster's ``RANKSTREAM_RAY_CLUSTER`` (GCS, raylet, agents,
+    monitors, the Ray client server, workers, job drivers)."""
+    victims = cluster_processes(temp_dir)
+    for process in victims:
         _signal(process, "terminate")
-    _, alive = psutil.wait_procs(list(victims.values()), timeout=timeout_s)
+    _, alive = psutil.wait_procs(victims, timeout=timeout_s)
     for process in alive:
         _signal(process, "kill")
     psutil.wait_procs(alive, timeout=5)
@@ -106,11 +141,21 @@ def cluster_down(temp_dir: str, timeout_s: float = 15.0) -> None:
     (Path(temp_dir) / "ray_current_cluster").unlink(missing_ok=True)
 
 
-def _children(process: psutil.Process) -> list[psutil.Process]:
-    try:
-        return process.children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
+def cluster_processes(temp_dir: str) -> list[psutil.Process]:
+    """The running processes of the local cluster of ``temp_dir``, except this process and
+    its parents (e.g. a `rankstream cluster down` run as a job)."""
+    marker = _marker(temp_dir)
+    me = psutil.Process()
+    spared = {me.pid, *(p.pid for p in me.parents())}
+    return [
+        process
+        for process in psutil.process_iter(["environ"])
+        if process.pid not in spared and (process.info["environ"] or {}).get(CLUSTER_ENV) == marker
+    ]
+
+
+def _marker(temp_dir: str) -> str:
+    return str(Path(temp_dir).resolve())
 
 
 def _signal(process: psutil.Process, how: str) -> None:
@@ -122,7 +167,8 @@ def _signal(process: psutil.Process, how: str) -> None:
 
 def _dashboard_answers(url: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{url}/api/version", timeout=2) as response:
+        request = urllib.request.Request(f"{url}/api/version", headers=auth_headers())
+        with urllib.request.urlopen(request, timeout=2) as response:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False
@@ -141,8 +187,11 @@ def handle(args: argparse.Namespace) -> int:
     if args.cluster_command == "up":
         cluster = cluster_up(args.num_cpus, args.port, args.dashboard_port, args.temp_dir)
         print(f"Ray head at {cluster.address}")
-        print(f"dashboard: {cluster.dashboard_url}")
-        print(f"submit a job: RAY_ADDRESS={cluster.dashboard_url} ray job submit --working-dir . -- python -m rayjobs.train …")
+        print(f"dashboard: {cluster.dashboard_url} (it asks for the token in {token_file()})")
+        print(
+            f"submit a job: RAY_AUTH_MODE=token RAY_ADDRESS={cluster.dashboard_url} "
+            "ray job submit --working-dir . -- python -m rayjobs.train …"
+        )
     elif args.cluster_command == "status":
         cluster = cluster_status(args.temp_dir)
         if cluster is None:

@@ -20,7 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from rayjobs.cluster import DEFAULT_TEMP_DIR, LocalCluster, cluster_down, cluster_status, cluster_up
+from rayjobs.cluster import DEFAULT_TEMP_DIR, LocalCluster, auth_headers, cluster_down, cluster_status, cluster_up
 from rayjobs.serve import delete, deploy, serve_config, wait_until_running
 from serve_app.config import ModelConfig, ScorerArgs
 from streaming.admin import create_topics
@@ -89,7 +89,7 @@ def train_job(console: Console, cluster: LocalCluster, data: Path, bundle: Path,
         f"python -m rayjobs.train --data {data} --out {bundle} --model dplr_fwfm --rank 2 --dim 8 --workers 2 "
         f"--epochs {epochs} --lr 0.05 --storage-path {run_dir / 'ray_results'}"
     )
-    client = JobSubmissionClient(cluster.dashboard_url)
+    client = JobSubmissionClient(cluster.dashboard_url, headers=auth_headers())
     job_id = _submit(client, entrypoint)
     console.print(f"submitted {job_id}: {entrypoint}")
     console.print(f"watch it in the dashboard: {cluster.dashboard_url}/#/jobs/{job_id} (Train view: {cluster.dashboard_url}/#/train)")

@@ -19,7 +19,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from rayjobs.cluster import DEFAULT_TEMP_DIR, cluster_status
+from rayjobs.cluster import DEFAULT_TEMP_DIR, auth_headers, cluster_status
 from serve_app.config import ModelConfig, ScorerArgs
 from streaming.kafka_config import (
     SASL_PASSWORD_ENV,
@@ -71,7 +71,9 @@ def _args_json(args: ScorerArgs) -> str:
 # -- the dashboard's Serve REST API -----------------------------------------------------
 def _request(url: str, method: str = "GET", body: dict[str, Any] | None = None, timeout_s: float = 30) -> Any:
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json", **auth_headers()}
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             payload = response.read()
@@ -141,25 +143,25 @@ def scorer_metrics(metrics_urls: list[str]) -> dict[str, float]:
     return totals
 
 
-def metrics_urls(address: str) -> list[str]:
-    import ray
-
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-    try:
-        return [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics" for n in ray.nodes() if n["Alive"]]
-    finally:
-        ray.shutdown()
+def metrics_urls(dashboard_url: str) -> list[str]:
+    """Every live node's Prometheus endpoint, from the dashboard's node summary."""
+    nodes = _request(f"{dashboard_url}/nodes?view=summary")["data"]["summary"]
+    return [
+        f"http://{node['raylet']['nodeManagerAddress']}:{node['raylet']['metricsExportPort']}/metrics"
+        for node in nodes
+        if node.get("raylet", {}).get("state") == "ALIVE"
+    ]
 
 
 # -- CLI -----------------------------------------------------------------------------------
-def _cluster(args: argparse.Namespace) -> tuple[str, str]:
-    """(GCS address, dashboard URL) of the target cluster."""
+def _dashboard_url(args: argparse.Namespace) -> str:
+    """The target cluster's dashboard (its Serve REST API and node list)."""
     if args.dashboard_url:
-        return args.address or "auto", args.dashboard_url
+        return args.dashboard_url
     cluster = cluster_status(args.temp_dir)
     if cluster is None:
         raise ValueError("no local Ray cluster running; start one with `rankstream cluster up` or pass --dashboard-url")
-    return cluster.address, cluster.dashboard_url
+    return cluster.dashboard_url
 
 
 def scorer_args_from(args: argparse.Namespace) -> tuple[ModelConfig, ScorerArgs]:
@@ -183,7 +185,7 @@ def scorer_args_from(args: argparse.Namespace) -> tuple[ModelConfig, ScorerArgs]
 
 
 def handle(args: argparse.Namespace) -> int:
-    address, dashboard_url = _cluster(args)
+    dashboard_url = _dashboard_url(args)
     if args.serve_command == "up":
         if not args.bundle:
             raise ValueError("serve up needs --bundle DIR")
@@ -203,10 +205,10 @@ def handle(args: argparse.Namespace) -> int:
         delete(dashboard_url)
         print("scorer deleted")
         return 0
-    return _print_status(address, dashboard_url, args.json)
+    return _print_status(dashboard_url, args.json)
 
 
-def _print_status(address: str, dashboard_url: str, as_json: bool) -> int:
+def _print_status(dashboard_url: str, as_json: bool) -> int:
     application = serve_details(dashboard_url).get("applications", {}).get(APP_NAME)
     if application is None:
         print("no scorer deployed" if not as_json else json.dumps(None))
@@ -215,7 +217,7 @@ def _print_status(address: str, dashboard_url: str, as_json: bool) -> int:
         name: {"status": d["status"], "replicas": [r["state"] for r in d.get("replicas", [])]}
         for name, d in application.get("deployments", {}).items()
     }
-    metrics = scorer_metrics(metrics_urls(address))
+    metrics = scorer_metrics(metrics_urls(dashboard_url))
     if as_json:
         print(json.dumps({"status": application["status"], "deployments": deployments, "metrics": metrics}, indent=2))
         return 0
@@ -246,7 +248,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="status as JSON")
     cluster = parser.add_argument_group("Ray cluster")
     cluster.add_argument("--dashboard-url", default=None, help="default: the head of `rankstream cluster up`")
-    cluster.add_argument("--address", default=None, help="GCS address (with --dashboard-url)")
     cluster.add_argument("--temp-dir", default=DEFAULT_TEMP_DIR)
     add_kafka_arguments(parser)
     parser.set_defaults(func=handle)

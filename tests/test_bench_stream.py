@@ -13,8 +13,7 @@ from rayjobs import cli
 pytestmark = pytest.mark.slow
 
 
-def test_bench_stream_reports_rates_and_latency(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+def test_bench_stream_reports_rates_and_latency(tmp_path: Path) -> None:
     out = tmp_path / "stream.json"
     code = cli.main(["bench", "stream", "--json", str(out), "--rates", "50", "--latency-rates", "--seconds", "2",
                      "--items", "5", "--context-fields", "2", "--item-fields", "2", "--vocab-size", "20",

@@ -32,7 +32,6 @@ def readme_example(name: str) -> str:
 
 def test_demo_runs_end_to_end_and_down_stops_what_it_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RANKSTREAM_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     temp_dir = f"/tmp/rs-demo-{free_port()}"
     run_dir = tmp_path / "run"
     try:

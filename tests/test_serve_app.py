@@ -168,8 +168,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     catalog = root / "catalog.parquet"
     pq.write_table(pa.table(catalog_rows()), catalog)
     temp_dir = f"/tmp/rs-serve-{free_port()}"
-    with pytest.MonkeyPatch.context() as env, start_broker(state_dir=root / "broker") as broker:
-        env.setenv("RAY_AUTH_MODE", "disabled")
+    with start_broker(state_dir=root / "broker") as broker:
         kafka = KafkaClientConfig(bootstrap_servers=broker.bootstrap_servers)
         topics = TopicNames()
         create_topics(kafka, topics, partitions=PARTITIONS)
@@ -415,7 +414,7 @@ def test_serve_status_reports_the_scorer_metrics(stack: Stack, capsys: pytest.Ca
                     "errors_total{reason=unknown_model}": 1}
     deadline = time.monotonic() + 60
     while True:  # Ray exports metrics every few seconds; one snapshot may hold a metric an export behind another
-        code = cli.main(["serve", "status", "--json", "--dashboard-url", stack.dashboard_url, "--address", stack.address])
+        code = cli.main(["serve", "status", "--json", "--dashboard-url", stack.dashboard_url])
         assert code == 0
         status = json.loads(capsys.readouterr().out)
         reached = all(status["metrics"].get(name, 0) >= count for name, count in final_counts.items())

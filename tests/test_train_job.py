@@ -97,11 +97,8 @@ def test_a_killed_worker_resumes_from_the_latest_checkpoint(planted, local_ray, 
     load_bundle(path)
 
 
-def test_ray_job_submission_writes_a_bundle(planted, tmp_path, monkeypatch):
+def test_ray_job_submission_writes_a_bundle(planted, tmp_path):
     data, _ = planted
-    # An in-process ray.init() (the other tests) sets RAY_AUTH_MODE=token in os.environ;
-    # a head started with it answers the dashboard with 401 only.
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     temp_dir = f"/tmp/rs-trainjob-{free_port()}"
     try:
         cluster = cluster_up(num_cpus=2, port=free_port(), dashboard_port=free_port(), temp_dir=temp_dir)
