@@ -18,6 +18,7 @@ from model_zoo.models.multi_embedding import MultiEmbedding
 from model_zoo.models.nfwfm import NFwFM
 from model_zoo.models.pruned_fwfm import PrunedFwFM
 from model_zoo.models.rafm import RaFM
+from model_zoo.models.tensorfm import TensorFM
 from model_zoo.schema import FeatureSchema
 
 MODELS: dict[str, type[RankingModel]] = {
@@ -25,6 +26,7 @@ MODELS: dict[str, type[RankingModel]] = {
     FwFM.kind: FwFM,
     PrunedFwFM.kind: PrunedFwFM,
     DPLRFwFM.kind: DPLRFwFM,
+    TensorFM.kind: TensorFM,
     RaFM.kind: RaFM,
     DPMF.kind: DPMF,
     DNN.kind: DNN,

@@ -14,7 +14,7 @@ from model_zoo.models.pruned_fwfm import PrunedFwFM
 from model_zoo.registry import build_model
 from model_zoo.schema import FeatureSchema, FieldSpec, Kind, Role
 
-CATALOG_KINDS = ["fm", "fwfm", "pruned_fwfm", "dplr_fwfm", "me_fm", "me_fwfm", "me_dplr_fwfm"]
+CATALOG_KINDS = ["fm", "fwfm", "pruned_fwfm", "dplr_fwfm", "tensorfm", "me_fm", "me_fwfm", "me_dplr_fwfm"]
 CATALOG_KINDS += ["dp_mf"]  # schemas without a single-valued context and item field are skipped
 KINDS = CATALOG_KINDS + ["rafm"]
 
@@ -51,7 +51,8 @@ def random_rows(schema: FeatureSchema, names, rows: int, rng: np.random.Generato
     return FeatureBatch.from_columns(schema, columns)
 
 
-def random_model(kind: str, schema: FeatureSchema, rank: int, seed: int) -> RankingModel:
+def random_model(kind: str, schema: FeatureSchema, rank: int, seed: int, **options) -> RankingModel:
+    """A model of ``kind`` with every parameter moved off its init; ``options`` go to build_model."""
     torch.manual_seed(seed)
     dim = 4
     if kind == "pruned_fwfm":
@@ -69,12 +70,23 @@ def random_model(kind: str, schema: FeatureSchema, rank: int, seed: int) -> Rank
         perturb(model)
         model.set_feature_counts(torch.randint(0, 80, (schema.total_vocab,)))  # features at every level
     else:
-        options = {"rank": rank} if kind.endswith("dplr_fwfm") else {}
+        options = {"rank": rank, **options} if kind.endswith("dplr_fwfm") else options
         if kind.startswith("me_"):
             options["sets"] = 1 + rank % 3
         model = build_model(schema, kind, dim, **options)
         perturb(model)
     return model.eval()
+
+
+def paired_rows(model: RankingModel, schema: FeatureSchema, count: int, rng: np.random.Generator):
+    """3 contexts, ``count`` items each paired with a random one of them, and the full
+    forward on the joined rows."""
+    contexts = random_rows(schema, schema.context_fields, 3, rng)
+    items = random_rows(schema, schema.item_fields, count, rng)
+    context_index = torch.as_tensor(rng.integers(0, 3, size=count))
+    with torch.no_grad():
+        expected = model(join_context_items(schema, contexts, items, context_index))
+    return contexts, items, context_index, expected
 
 
 def perturb(model: RankingModel) -> None:
@@ -89,11 +101,8 @@ def perturb(model: RankingModel) -> None:
 def test_cached_context_equals_full_forward(schema, kind, rank, seed):
     rng = np.random.default_rng(seed)
     model = random_model(kind, schema, rank, seed)
-    contexts = random_rows(schema, schema.context_fields, 3, rng)
-    items = random_rows(schema, schema.item_fields, 17, rng)
-    context_index = torch.as_tensor(rng.integers(0, 3, size=17))
+    contexts, items, context_index, expected = paired_rows(model, schema, 17, rng)
     with torch.no_grad():
-        expected = model(join_context_items(schema, contexts, items, context_index))
         state = model.encode_context(contexts)
         cached = model.score_items(state, items, context_index)
         one_context = model.score_items(model.encode_context(contexts.rows(slice(1, 2))), items)
@@ -161,3 +170,27 @@ def test_derived_tables_follow_parameter_and_mask_updates():
             cached = model.score_items(model.encode_context(context), items)
             expected = model(join_context_items(schema, context, items))
         torch.testing.assert_close(cached, expected, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    schema=schemas(),
+    orders=st.lists(st.integers(2, 3), min_size=1, max_size=2),
+    ranks=st.lists(st.integers(1, 4), min_size=2, max_size=2),
+    seed=st.integers(0, 10_000),
+)
+def test_tensorfm_cached_context_and_catalog_equal_the_full_forward(schema, orders, ranks, seed):
+    """Π_j (A + B) per item, and its subset expansion as one inner product per catalog item."""
+    rng = np.random.default_rng(seed)
+    model = random_model("tensorfm", schema, 1, seed, orders=orders, ranks=ranks[: len(orders)])
+    contexts, items, context_index, expected = paired_rows(model, schema, 13, rng)
+    with torch.no_grad():
+        state = model.encode_context(contexts)
+        cached = model.score_items(state, items, context_index)
+        catalog = ItemCatalog(model, list(range(13)), items)
+        from_catalog = catalog.score(state, torch.arange(13), context_index)
+        every = catalog.score_all(state)
+    torch.testing.assert_close(cached, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(from_catalog, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(every[context_index, torch.arange(13)], expected, rtol=1e-4, atol=1e-4)
+    assert catalog.vectors.shape[1] == sum(r * 4 * (2**d - 2) for d, r in zip(orders, ranks))

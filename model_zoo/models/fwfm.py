@@ -71,40 +71,35 @@ class FwFM(CTRModel):
         self, state: FwFMContext, items: FeatureBatch, context_index: Tensor | None = None
     ) -> Tensor:
         self.check_items(state, items)
-        active, item_block = self.cached(("plan", items.fields), lambda: self.scoring_plan(items.fields))
-        vectors, linear = self._item_terms(items, active)  # (F', N, k), (N,)
-        aggregate = state.aggregate[:, active]
+        item_block = self.cached(("item_block", items.fields), lambda: self.item_block(items.fields))
+        vectors, linear = self._item_terms(items)  # (|I|, N, k), (N,)
         if context_index is None:
-            aggregate = rows_for(None, aggregate)[0].unsqueeze(1)  # (F', 1, k), broadcast over items
+            aggregate = rows_for(None, state.aggregate)[0].unsqueeze(1)  # (|I|, 1, k), broadcast over items
         else:
-            aggregate = aggregate[context_index].transpose(0, 1)
-        # c_j + ½ (R_II V)_j with R_II V as one GEMM, updated in place (no extra (F', N, k) copies).
+            aggregate = state.aggregate[context_index].transpose(0, 1)
+        # c_j + ½ (R_II V)_j with R_II V as one GEMM, updated in place (no extra (|I|, N, k) copies).
         weights = torch.mm(item_block, vectors.flatten(1)).view_as(vectors).mul_(0.5).add_(aggregate)
         pairs = (vectors * weights).sum(-1).sum(0)  # two reductions: far faster than sum(dim=(0, 2))
         return rows_for(context_index, state.scalar) + linear + pairs
 
     def catalog_item_terms(self, items: FeatureBatch) -> tuple[Tensor, Tensor]:
-        every_field, item_block = FwFM.scoring_plan(self, items.fields)
-        vectors, linear = self._item_terms(items, every_field)
-        pair_weights = torch.mm(item_block, vectors.flatten(1)).view_as(vectors)
+        vectors, linear = self._item_terms(items)
+        pair_weights = torch.mm(self.item_block(items.fields), vectors.flatten(1)).view_as(vectors)
         item_scalar = linear + 0.5 * (vectors * pair_weights).sum(-1).sum(0)
         return vectors.transpose(0, 1).flatten(1), item_scalar
 
     def catalog_query(self, state: FwFMContext) -> tuple[Tensor, Tensor]:
         return state.aggregate.flatten(1), state.scalar
 
-    def scoring_plan(self, item_fields: tuple[str, ...]) -> tuple[Tensor, Tensor]:
-        """Which item fields scoring needs (positions within the item batch) and the
-        item–item block of R among them. The full FwFM needs every field and all of R_II."""
+    def item_block(self, item_fields: tuple[str, ...]) -> Tensor:
+        """R's item–item block."""
         positions = self.embedding.field_index(item_fields)
-        block = self.interaction_matrix().detach()[positions][:, positions]
-        return torch.arange(len(item_fields), device=block.device), block
+        return self.interaction_matrix().detach()[positions][:, positions]
 
-    def _item_terms(self, items: FeatureBatch, active: Tensor) -> tuple[Tensor, Tensor]:
-        """(F', N, k) vectors of the ``active`` item fields, gathered field-major so that
-        R_II V is a single (F' × F') @ (F' × N·k) product, and (N,) the items' linear terms."""
+    def _item_terms(self, items: FeatureBatch) -> tuple[Tensor, Tensor]:
+        """(|I|, N, k) item vectors, gathered field-major so that R_II V is a single
+        (|I| × |I|) @ (|I| × N·k) product, and (N,) the items' linear terms."""
         if items.bags:
             embedded = self.embedding(items)
-            return embedded.vectors[:, active].transpose(0, 1), embedded.linear
-        rows = self.embedding.global_rows(items)[:, active]
-        return self.embedding.vectors(rows.T), self.embedding.linear_terms(items)
+            return embedded.vectors.transpose(0, 1), embedded.linear
+        return self.embedding.vectors(self.embedding.global_rows(items).T), self.embedding.linear_terms(items)
