@@ -32,6 +32,8 @@ from streaming.protocol import ProtocolLimits
 APP_NAME = "rankstream"
 IMPORT_PATH = "serve_app.app:build_app"
 METRIC_PREFIX = "ray_rankstream_"
+INFO_TAGS = ("reason", "partition", "version", "bundle", "error")  # tags kept apart when summing over replicas
+RELOAD_ERROR_METRIC = "model_reload_error_info"
 
 
 def serve_config(
@@ -65,7 +67,9 @@ def _args_json(args: ScorerArgs) -> str:
             f"serve up does not put passwords into the Serve config (the dashboard shows it); "
             f"set ${SASL_PASSWORD_ENV} in the Ray nodes' environment instead"
         )
-    return json.dumps(args.model_dump(mode="json", exclude_none=True))
+    # num_replicas goes only into the deployment's entry: a change of it alone is then a
+    # lightweight update (replicas added or removed, none restarted), not a rebuild.
+    return json.dumps(args.model_dump(mode="json", exclude_none=True, exclude={"num_replicas"}))
 
 
 # -- the dashboard's Serve REST API -----------------------------------------------------
@@ -125,7 +129,7 @@ def scorer_metrics(metrics_urls: list[str]) -> dict[str, float]:
                 continue
             name = family.name[len(METRIC_PREFIX) :]
             for sample in family.samples:
-                tags = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k in ("reason", "partition", "version"))
+                tags = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k in INFO_TAGS)
                 if sample.name.endswith("_bucket"):
                     bucket = buckets.setdefault(name, {})
                     edge = float(sample.labels["le"])
@@ -141,6 +145,16 @@ def scorer_metrics(metrics_urls: list[str]) -> dict[str, float]:
             for q in (0.5, 0.99):
                 totals[f"{name}_p{int(q * 100)}<="] = next(edge for edge in sorted(bucket) if bucket[edge] >= q * count)
     return totals
+
+
+def failed_reloads(metrics: dict[str, float]) -> list[dict[str, Any]]:
+    """The failed hot reloads that replicas report now: bundle, error, number of replicas."""
+    failures = []
+    for key, value in metrics.items():
+        if key.startswith(RELOAD_ERROR_METRIC + "{") and value > 0:
+            tags = dict(tag.split("=", 1) for tag in key[len(RELOAD_ERROR_METRIC) + 1 : -1].split(",", 1))
+            failures.append({"bundle": tags.get("bundle"), "error": tags.get("error"), "replicas": int(value)})
+    return failures
 
 
 def metrics_urls(dashboard_url: str) -> list[str]:
@@ -194,7 +208,8 @@ def handle(args: argparse.Namespace) -> int:
         deploy(dashboard_url, serve_config(scorer_args, model, args.http_host, args.http_port))
         application = wait_until_running(dashboard_url, deployed_at, args.timeout)
         version = json.loads((Path(model.bundle) / "config.json").read_text())["model_version"]
-        print(f"scorer running: {scorer_args.num_replicas} replica(s), model version {version}")
+        print(f"scorer running: {scorer_args.num_replicas} replica(s), model version {version} deployed")
+        print("  (a running replica that cannot load it keeps its model: `rankstream serve status` shows failed reloads)")
         print(f"HTTP: POST http://{args.http_host}:{args.http_port}/score, GET /healthz, GET /stats")
         if scorer_args.kafka is not None:
             topics = scorer_args.topics
@@ -218,12 +233,17 @@ def _print_status(dashboard_url: str, as_json: bool) -> int:
         for name, d in application.get("deployments", {}).items()
     }
     metrics = scorer_metrics(metrics_urls(dashboard_url))
+    reload_errors = failed_reloads(metrics)
     if as_json:
-        print(json.dumps({"status": application["status"], "deployments": deployments, "metrics": metrics}, indent=2))
+        print(json.dumps({"status": application["status"], "deployments": deployments, "metrics": metrics,
+                          "reload_errors": reload_errors}, indent=2))
         return 0
     print(f"application {APP_NAME}: {application['status']}")
     for name, deployment in deployments.items():
         print(f"  {name}: {deployment['status']}, replicas {deployment['replicas']}")
+    for failure in reload_errors:
+        print(f"  RELOAD FAILED on {failure['replicas']} replica(s), still serving their old model: "
+              f"{failure['bundle']}: {failure['error']}")
     if not metrics:
         print("no metrics exported yet (Ray exports them every few seconds)")
     for key in sorted(metrics):

@@ -5,13 +5,19 @@ thread (all replicas in one consumer group, so at most one replica per partition
 work) and answers HTTP:
 
     POST /score    an auction as JSON or msgpack (Content-Type: application/msgpack) -> its reply
-    GET  /healthz  200 with the model version while the consumer runs, else 503
+    GET  /healthz  200 with the model version while the consumer runs, else 503; also the
+                   partitions this replica reads and the last failed reload, if any
     GET  /stats    this replica's counters (the same numbers go to ray.serve.metrics)
 
 The model arrives as the deployment's ``user_config``: Serve calls ``reconfigure`` with it
 right after construction, and again in place when only the model changes in a config
 deploy (hot reload) — the new model is loaded beside the old one and swapped in
-between two batches; each reply names the version that scored it.
+between two batches; each reply names the version that scored it. A reload that
+fails (a missing or corrupt bundle) keeps the old model serving and is reported on
+``/healthz`` and in the metrics (`rankstream serve status`): raising would make Serve
+replace the replica, whose replacement would start with the same bad config. A
+replica's first load has no old model to keep: it raises, and Serve reports the failed
+start (`serve up` prints it); see docs/deploy.md.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import json
 import logging
 import threading
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import msgpack
@@ -33,14 +40,23 @@ from starlette.responses import JSONResponse, Response
 from model_zoo.runtime import freeze_heap, retain_freed_memory
 from serve_app.config import ModelConfig, ScorerArgs, ServiceConfig
 from serve_app.kafka_loop import KafkaLoop
+from serve_app.membership import HandoverMembership, ServeView, describe
 from serve_app.metrics import ScorerMetrics
 from serve_app.runtime import BatchReport, ScoringRuntime
-from streaming.protocol import ProtocolError, Reason, decode_error, encode_error, unpack
+from streaming.protocol import ProtocolError, Reason, decode_error, encode_error, now_ms, unpack
 
 logger = logging.getLogger("ray.serve")
 
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
 ERROR_STATUS = {Reason.scoring_failed: 500, Reason.message_too_large: 413}
+RELOAD_ERROR_CHARS = 500  # a traceback's last line is enough to act on; the replica log has the rest
+
+
+@dataclass(frozen=True)
+class ReloadError:
+    bundle: str
+    error: str
+    at_ms: int
 
 
 @serve.deployment(
@@ -59,13 +75,25 @@ class Scorer:
         self.metrics = ScorerMetrics()
         self._score_lock = threading.Lock()  # HTTP and Kafka share one model and its caches
         self._runtime: ScoringRuntime | None = None
+        self.last_reload_error: ReloadError | None = None
         self.loop: KafkaLoop | None = None
+        self.membership: HandoverMembership | None = None
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        config = ModelConfig.model_validate(user_config)
-        if self._runtime is not None and config == self._runtime.config:
+        try:
+            config = ModelConfig.model_validate(user_config)
+            if self._runtime is not None and config == self._runtime.config:
+                self._reload_failed(None)  # back to the model it serves
+                return
+            runtime = ScoringRuntime(config, self.service.limits, self.service.context_cache_size)  # beside the old one
+        except Exception as error:
+            if self._runtime is None:
+                raise  # nothing to serve: Serve reports the failed start
+            bundle = user_config.get("bundle") if isinstance(user_config, dict) else None
+            logger.exception("hot reload to %s failed; still serving version %s", bundle, self._runtime.model_version)
+            self._reload_failed(ReloadError(str(bundle), f"{type(error).__name__}: {error}"[:RELOAD_ERROR_CHARS], now_ms()))
             return
-        runtime = ScoringRuntime(config, self.service.limits, self.service.context_cache_size)  # beside the old one
+        self._reload_failed(None)
         with self._score_lock:  # between two batches
             reloaded = self._runtime is not None
             self._runtime = runtime
@@ -79,6 +107,7 @@ class Scorer:
         )
         freeze_heap()
         if self.loop is None and self.service.kafka is not None:
+            self.membership = HandoverMembership(ServeView())
             self.loop = KafkaLoop(
                 self.service.kafka,
                 self.service.topics,
@@ -86,9 +115,13 @@ class Scorer:
                 self.service.max_poll_records,
                 self.score,
                 self.metrics.record_lag,
-                _membership,
+                self.membership,
             )
             self.loop.start()
+
+    def _reload_failed(self, error: ReloadError | None) -> None:
+        self.last_reload_error = error
+        self.metrics.record_reload_error(None if error is None else (error.bundle, error.error))
 
     def score(
         self, messages: Sequence[bytes], received_at_ms: int | None = None, sources: Sequence[dict[str, object]] | None = None
@@ -131,8 +164,12 @@ class Scorer:
         if runtime is None:
             return JSONResponse({"status": "loading"}, status_code=503)
         consumer = "disabled" if self.loop is None else ("running" if self.loop.is_alive() else "dead")
+        error = self.last_reload_error
         body = {"status": "ok" if consumer != "dead" else "unhealthy", "model": runtime.model_name,
-                "model_version": runtime.model_version, "consumer": consumer}
+                "model_version": runtime.model_version, "consumer": consumer,
+                "replica": serve.get_replica_context().replica_id.unique_id,
+                "partitions": None if self.membership is None else describe(self.membership.reading),
+                "last_reload_error": None if error is None else asdict(error)}
         return JSONResponse(body, status_code=200 if consumer != "dead" else 503)
 
     async def _score_http(self, request: Request) -> Response:
@@ -151,12 +188,6 @@ class Scorer:
         if as_msgpack:
             return Response(reply.value, media_type=MSGPACK_TYPES[0])
         return JSONResponse(unpack(reply.value))
-
-
-def _membership() -> tuple[int, int]:
-    """(rank, number of replicas) of this replica."""
-    context = serve.get_replica_context()
-    return context.rank.rank, context.world_size
 
 
 def _error_response(value: bytes, as_msgpack: bool) -> Response:

@@ -35,12 +35,18 @@ class ScorerMetrics:
         self.model_version = metrics.Gauge(
             "rankstream_model_version_info", "1 for the model version this replica serves", tag_keys=("model", "version")
         )
+        self.reload_error = metrics.Gauge(
+            "rankstream_model_reload_error_info",
+            "1 while this replica's last hot reload failed (it serves its old model)",
+            tag_keys=("bundle", "error"),
+        )
         self.totals: Tally[str] = Tally()
         self.error_totals: Tally[str] = Tally()
         self.recent_end_to_end: deque[float] = deque(maxlen=RECENT_REPLIES)
         self.lag: dict[int, int] = {}
         self.hit_ratio = 0.0
         self.serving: tuple[str, str] | None = None
+        self.failed_reload: tuple[str, str] | None = None  # (bundle, error)
 
     def record_batch(self, report: BatchReport, cache_hit_ratio: float) -> None:
         if report.auctions:
@@ -70,6 +76,14 @@ class ScorerMetrics:
             self.model_version.set(0, tags={"model": self.serving[0], "version": self.serving[1]})
         self.model_version.set(1, tags={"model": name, "version": version})
         self.serving = (name, version)
+
+    def record_reload_error(self, failed: tuple[str, str] | None) -> None:
+        """The last reload's failure (bundle, error), or None once a reload succeeded."""
+        if self.failed_reload is not None:
+            self.reload_error.set(0, tags={"bundle": self.failed_reload[0], "error": self.failed_reload[1]})
+        if failed is not None:
+            self.reload_error.set(1, tags={"bundle": failed[0], "error": failed[1]})
+        self.failed_reload = failed
 
     def snapshot(self) -> dict[str, object]:
         recent = np.asarray(self.recent_end_to_end) if self.recent_end_to_end else None

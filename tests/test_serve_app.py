@@ -4,12 +4,14 @@ Kafka-compatible broker, auctions in, replies out.
 
 One deployment (2 replicas, 4 partitions) serves the whole module, in this order:
 exact scores for 1,000 auctions; a corpus of bad messages; HTTP; `serve status`;
-hot reload under load; killing a replica mid-stream."""
+hot reload under load; a failed reload under load; scaling 2 -> 3 -> 2 under load;
+killing a replica mid-stream."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -36,7 +38,7 @@ from model_zoo.schema import FeatureSchema, FieldSpec, Kind, Role
 from model_zoo.vocab import FieldVocabulary, Vocabulary
 from rayjobs import cli
 from rayjobs.cluster import cluster_down, cluster_up
-from rayjobs.serve import serve_details
+from rayjobs.serve import deploy, serve_details
 from streaming.admin import create_topics
 from streaming.broker import free_port, start_broker
 from streaming.encode import AuctionEncoder
@@ -141,14 +143,19 @@ class Stack:
     temp_dir: str
     serving: str = "v1"
 
-    def serve_up(self, version: str) -> None:
+    replica_count: int = REPLICAS
+
+    def serve_up(self, version: str, replicas: int = REPLICAS, loads: bool = True) -> None:
+        """Deploy bundle ``version``; ``loads``: it is expected to load (else the old one keeps serving)."""
         code = cli.main(
             ["serve", "up", "--bundle", str(self.bundles[version]), "--catalog", str(self.catalog),
-             "--replicas", str(REPLICAS), "--dashboard-url", self.dashboard_url, "--http-port", str(self.http_port),
+             "--replicas", str(replicas), "--dashboard-url", self.dashboard_url, "--http-port", str(self.http_port),
              "--bootstrap-servers", self.kafka.bootstrap_servers, "--max-items", "1000", "--timeout", "300"]
         )
         assert code == 0
-        self.serving = version
+        if loads:
+            self.serving = version
+        self.replica_count = replicas
 
     def replicas(self) -> dict[str, int]:
         """Replica id -> pid of the running scorer replicas."""
@@ -239,20 +246,31 @@ def exchange(
 
     collector = threading.Thread(target=collect, daemon=True)
     collector.start()
+    action_errors: list[BaseException] = []
+
+    def act() -> None:
+        try:
+            during[1]()
+        except BaseException as error:  # raised in the test's thread after the exchange
+            action_errors.append(error)
+
+    action = threading.Thread(target=act, daemon=True)  # sending goes on while it runs
     try:
         futures = []
         started = time.monotonic()
-        action_done = during is None
         for n, (key, value) in enumerate(messages):
             if rate is not None:
                 time.sleep(max(0.0, started + n / rate - time.monotonic()))
-            if not action_done and time.monotonic() - started >= during[0]:
-                during[1]()
-                action_done = True
+            if during is not None and not action.ident and time.monotonic() - started >= during[0]:
+                action.start()
             futures.append((key, producer.send(stack.topics.auctions, key=key and key.encode(), value=value)))
         producer.flush()
-        if not action_done:
-            during[1]()
+        if during is not None:
+            if not action.ident:
+                action.start()
+            action.join()
+            if action_errors:
+                raise action_errors[0]
         for key, future in futures:
             if key is not None:
                 metadata = future.get(timeout=30)
@@ -400,10 +418,13 @@ def test_http_scores_json_and_msgpack_and_answers_errors_exactly(stack: Stack) -
     status, body = http(stack, "/score", json.dumps({"version": 1, "auction_id": "h", "sent_at_ms": 1, "context": {"city": 1},
                                                       "items": ["cat-1"]}).encode())
     assert status == 400 and json.loads(body)["reason"] == "unknown_field"
-    status, body = http(stack, "/healthz")
-    assert status == 200 and json.loads(body) == {
-        "status": "ok", "model": "ctr", "model_version": load_bundle(bundle).model_version, "consumer": "running"
-    }
+    healths = healthz_until(stack, reads_each_partition_once)
+    assert sorted(h["partitions"] for h in healths.values()) == ["p mod 2 = 0", "p mod 2 = 1"]
+    for replica, health in healths.items():
+        assert health == {
+            "status": "ok", "model": "ctr", "model_version": load_bundle(bundle).model_version, "consumer": "running",
+            "replica": replica, "partitions": health["partitions"], "last_reload_error": None,
+        }
 
 
 SCORED_SO_FAR = 1000 + 60 + 2  # by the tests above: exact, bad corpus, HTTP
@@ -449,6 +470,92 @@ def test_hot_reload_under_load_loses_nothing_and_switches_version_once(stack: St
         bundle = stack.bundles["v1" if reply.model_version == versions["v1"] else "v2"]
         np.testing.assert_allclose(reply.scores, offline_scores(bundle, message), rtol=1e-5, atol=1e-5)
     assert stack.replicas() == replicas_before  # reloaded in place
+
+
+def healthz_until(stack: Stack, done: callable, timeout_s: float = 90.0) -> dict[str, dict]:
+    """GET /healthz (answered by any replica) until ``done(latest body per running
+    replica)`` holds; returns those bodies."""
+    latest: dict[str, dict] = {}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status, body = http(stack, "/healthz")
+        assert status == 200, body
+        health = json.loads(body)
+        latest[health["replica"]] = health
+        running = stack.replicas()
+        latest = {replica: h for replica, h in latest.items() if replica in running}
+        if latest.keys() == running.keys() and done(latest):
+            return latest
+        assert time.monotonic() < deadline, f"healthz of the running replicas {sorted(running)}: {latest}"
+        time.sleep(0.2)
+
+
+def reads_each_partition_once(healths: dict[str, dict]) -> bool:
+    shares = [h["partitions"] for h in healths.values()]
+    read = [p for share in shares for p in range(PARTITIONS) if share == f"p mod {len(shares)} = {p % len(shares)}"]
+    return sorted(read) == list(range(PARTITIONS))
+
+
+def assert_all_answered_once(stack: Stack, result: Exchange, auctions: list[tuple[str, bytes]]) -> None:
+    assert [a for a, _ in auctions if a not in result.replies] == [], unanswered(stack, result, auctions)
+    assert not result.errors
+    assert {a: len(r) for a, r in result.replies.items() if len(r) != 1} == {}  # no partition read twice
+
+
+def test_a_failed_reload_keeps_the_old_model_reports_it_and_a_good_reload_recovers(
+    stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    replicas_before = stack.replicas()
+    serving = load_bundle(stack.bundles[stack.serving]).model_version
+    corrupt = stack.bundles["corrupt"] = tmp_path / "bundle-corrupt"
+    shutil.copytree(stack.bundles["v1"], corrupt)
+    (corrupt / "weights.safetensors").write_bytes(b"not safetensors")
+    auctions = make_auctions(900, seed=4, prefix="badreload")
+    result = exchange(stack, auctions, rate=150, during=(2.0, lambda: stack.serve_up("corrupt", loads=False)))
+    assert_all_answered_once(stack, result, auctions)
+    assert {r.model_version for replies in result.replies.values() for r in replies} == {serving}
+    healths = healthz_until(stack, lambda h: all(x["last_reload_error"] for x in h.values()))
+    for health in healths.values():
+        assert health["model_version"] == serving and health["last_reload_error"]["bundle"] == str(corrupt)
+    capsys.readouterr()
+    deadline = time.monotonic() + 60
+    while True:  # each replica's failure reaches the metrics with its next export
+        assert cli.main(["serve", "status", "--json", "--dashboard-url", stack.dashboard_url]) == 0
+        status = json.loads(capsys.readouterr().out)
+        if sum(e["replicas"] for e in status["reload_errors"]) >= REPLICAS or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert [(e["bundle"], e["replicas"]) for e in status["reload_errors"]] == [(str(corrupt), REPLICAS)]
+    assert status["status"] == "RUNNING"
+    assert cli.main(["serve", "status", "--dashboard-url", stack.dashboard_url]) == 0
+    assert f"RELOAD FAILED on {REPLICAS} replica(s), still serving their old model: {corrupt}" in capsys.readouterr().out
+    # A missing bundle (a config deploy that `serve up` would have refused) fails the same way.
+    missing = str(tmp_path / "no-such-bundle")
+    application = serve_details(stack.dashboard_url)["applications"]["rankstream"]["deployed_app_config"]
+    application["deployments"][0]["user_config"]["bundle"] = missing
+    deploy(stack.dashboard_url, {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": stack.http_port},
+                                 "applications": [application]})
+    healths = healthz_until(stack, lambda h: all((x["last_reload_error"] or {}).get("bundle") == missing for x in h.values()))
+    assert {h["last_reload_error"]["error"] for h in healths.values()} == {
+        f"FileNotFoundError: no model bundle at {missing} (config.json missing)"
+    }
+    stack.serve_up("v1")  # a good reload recovers
+    healths = healthz_until(stack, lambda h: all(x["last_reload_error"] is None for x in h.values()))
+    assert {h["model_version"] for h in healths.values()} == {load_bundle(stack.bundles["v1"]).model_version}
+    assert stack.replicas() == replicas_before  # no replica restarted, none crash-looped
+
+
+def test_scaling_2_3_2_under_load_reads_every_partition_exactly_once(stack: Stack) -> None:
+    for replicas, seed in ((3, 5), (2, 6)):
+
+        def scale() -> None:
+            stack.serve_up(stack.serving, replicas=replicas)
+            healthz_until(stack, lambda h: len(h) == replicas and reads_each_partition_once(h))
+
+        auctions = make_auctions(2400, seed=seed, prefix=f"scale{replicas}")
+        result = exchange(stack, auctions, rate=100, during=(2.0, scale), timeout_s=180)
+        assert_all_answered_once(stack, result, auctions)
+        assert len(stack.replicas()) == replicas
 
 
 def test_killing_a_replica_mid_stream_loses_no_auction(stack: Stack) -> None:
