@@ -69,7 +69,7 @@ def make_model(
     if kind in ("dplr_fwfm", "dplr_catalog"):
         model = build_model(schema, "dplr_fwfm", dim, rank=rank)
     elif kind in ORDERED:
-        model = build_model(schema, "tensorfm", dim, orders=orders, ranks=[rank] * len(orders))
+        model = build_model(schema, "tensorfm", dim, orders=orders, cp_ranks=[rank] * len(orders))
     elif kind == "pruned_fwfm":
         full = build_model(schema, "fwfm", dim)
         with torch.no_grad():
