@@ -151,6 +151,9 @@ def plot(records: list[ScoringRecord], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # One colour per model, one line style per rank, one marker per order set: 23 series stay apart.
+    colours = {kind: plt.get_cmap("tab10")(i) for i, kind in enumerate(MODELS)}
+    styles = {None: "-", 1: "-", 2: "--", 3: ":"}
     item_counts = sorted({r.items for r in records})
     figure, axes = plt.subplots(1, len(item_counts), figsize=(6 * len(item_counts), 4.5), squeeze=False)
     for axis, items in zip(axes[0], item_counts):
@@ -161,8 +164,13 @@ def plot(records: list[ScoringRecord], path: Path) -> None:
         for label, points in sorted(series.items()):
             points.sort(key=lambda r: r.context_fields)
             x = [p.context_fields for p in points]
-            axis.plot(x, [p.median_ms for p in points], marker="o", label=label)
-            axis.fill_between(x, [p.min_ms for p in points], [p.max_ms for p in points], alpha=0.15)
+            first = points[0]
+            colour = colours.get(first.model)
+            axis.plot(
+                x, [p.median_ms for p in points], label=label, color=colour,
+                linestyle=styles.get(first.rank, "-."), marker="s" if first.orders and len(first.orders) > 1 else "o",
+            )
+            axis.fill_between(x, [p.min_ms for p in points], [p.max_ms for p in points], color=colour, alpha=0.05)
         axis.set_yscale("log")
         axis.set_title(f"{items} items per auction")
         axis.set_xlabel("context fields (of 40)")
