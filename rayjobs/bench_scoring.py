@@ -126,11 +126,13 @@ def bench_configuration(
 def run_grid(args: argparse.Namespace) -> list[ScoringRecord]:
     torch.set_num_threads(1)  # the paper's setting: one core per scoring thread
     retain_freed_memory()  # as a serving process would: no page faults on per-auction temporaries
+    # Grid point by grid point, every model at a point back to back: the ratios compare
+    # timings taken seconds apart, not minutes (the machine's load drifts).
     configurations = [
         (kind, items, context, rank if kind in RANKED else None, orders)
-        for kind in args.models
         for items in args.items
         for context in args.context_fields
+        for kind in args.models
         for rank in (args.ranks if kind in RANKED else [None])
         for orders in (args.tensorfm_orders if kind in ORDERED else [None])
     ]
