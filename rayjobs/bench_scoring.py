@@ -2,8 +2,9 @@
 
 40 fields, k = 16, one auction = encode the context once + score N items (rows of
 item features); DPLR ranks 1–3 against the pruned FwFM with the same parameter count,
-the full FwFM and FM (all with cached contexts), plus DPLR in catalog mode (items
-precomputed at load time; per auction: encode the context + one matrix–vector product).
+the full FwFM and FM, and tensorFM of orders {2} and {2, 3} at CP ranks 1–3 (all with
+cached contexts), plus DPLR and tensorFM in catalog mode (items precomputed at load
+time; per auction: encode the context + one matrix–vector product).
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ from model_zoo.runtime import retain_freed_memory
 from model_zoo.schema import FeatureSchema, FieldSpec, Role
 from rayjobs.bench import write_results
 
-MODELS = ("dplr_fwfm", "dplr_catalog", "pruned_fwfm", "fwfm", "fm")
-RANKED = {"dplr_fwfm", "dplr_catalog", "pruned_fwfm"}
+MODELS = ("dplr_fwfm", "dplr_catalog", "tensorfm", "tensorfm_catalog", "pruned_fwfm", "fwfm", "fm")
+RANKED = {"dplr_fwfm", "dplr_catalog", "tensorfm", "tensorfm_catalog", "pruned_fwfm"}
+ORDERED = {"tensorfm", "tensorfm_catalog"}
+FEATURE_ROW_SERIES = {"dplr_catalog": "dplr_fwfm", "tensorfm_catalog": "tensorfm"}  # each catalog mode's model
 
 
 class ScoringRecord(BaseModel):
@@ -38,10 +41,16 @@ class ScoringRecord(BaseModel):
     items: int
     context_fields: int
     rank: int | None
+    orders: list[int] | None = None  # tensorFM's interaction orders, each at CP rank `rank`
     median_ms: float
     min_ms: float
     max_ms: float
     repeats: int
+
+    @property
+    def label(self) -> str:
+        orders = "" if self.orders is None else f" d={{{','.join(map(str, self.orders))}}}"
+        return self.model + orders + ("" if self.rank is None else f" ρ={self.rank}")
 
 
 def grid_schema(num_fields: int, context_fields: int, vocab_size: int) -> FeatureSchema:
@@ -53,10 +62,14 @@ def grid_schema(num_fields: int, context_fields: int, vocab_size: int) -> Featur
     )
 
 
-def make_model(kind: str, schema: FeatureSchema, dim: int, rank: int | None, seed: int) -> RankingModel:
+def make_model(
+    kind: str, schema: FeatureSchema, dim: int, rank: int | None, seed: int, orders: list[int] | None = None
+) -> RankingModel:
     torch.manual_seed(seed)
     if kind in ("dplr_fwfm", "dplr_catalog"):
         model = build_model(schema, "dplr_fwfm", dim, rank=rank)
+    elif kind in ORDERED:
+        model = build_model(schema, "tensorfm", dim, orders=orders, cp_ranks=[rank] * len(orders))
     elif kind == "pruned_fwfm":
         full = build_model(schema, "fwfm", dim)
         with torch.no_grad():
@@ -84,16 +97,16 @@ def time_auction(run: Callable[[], object], warmup: int, repeats: int) -> list[f
 
 
 def bench_configuration(
-    kind: str, items: int, context_fields: int, rank: int | None, *,
+    kind: str, items: int, context_fields: int, rank: int | None, orders: list[int] | None, *,
     num_fields: int, dim: int, vocab_size: int, warmup: int, repeats: int, seed: int,
 ) -> ScoringRecord:
     rng = np.random.default_rng(seed)
     schema = grid_schema(num_fields, context_fields, vocab_size)
-    model = make_model(kind, schema, dim, rank, seed)
+    model = make_model(kind, schema, dim, rank, seed, orders)
     context = random_rows(schema, schema.context_fields, 1, rng)
     item_rows = random_rows(schema, schema.item_fields, items, rng)
     with torch.inference_mode():
-        if kind == "dplr_catalog":
+        if kind.endswith("_catalog"):
             catalog = ItemCatalog(model, list(range(items)), item_rows)
 
             def run() -> object:
@@ -105,7 +118,7 @@ def bench_configuration(
 
         times = time_auction(run, warmup, repeats)
     return ScoringRecord(
-        model=kind, items=items, context_fields=context_fields, rank=rank,
+        model=kind, items=items, context_fields=context_fields, rank=rank, orders=orders,
         median_ms=statistics.median(times), min_ms=min(times), max_ms=max(times), repeats=repeats,
     )
 
@@ -113,18 +126,21 @@ def bench_configuration(
 def run_grid(args: argparse.Namespace) -> list[ScoringRecord]:
     torch.set_num_threads(1)  # the paper's setting: one core per scoring thread
     retain_freed_memory()  # as a serving process would: no page faults on per-auction temporaries
+    # Grid point by grid point, every model at a point back to back: the ratios compare
+    # timings taken seconds apart, not minutes (the machine's load drifts).
     configurations = [
-        (kind, items, context, rank if kind in RANKED else None)
-        for kind in args.models
+        (kind, items, context, rank if kind in RANKED else None, orders)
         for items in args.items
         for context in args.context_fields
+        for kind in args.models
         for rank in (args.ranks if kind in RANKED else [None])
+        for orders in (args.tensorfm_orders if kind in ORDERED else [None])
     ]
     records = []
-    for kind, items, context, rank in tqdm(configurations, desc="scoring grid", unit="config"):
+    for kind, items, context, rank, orders in tqdm(configurations, desc="scoring grid", unit="config"):
         records.append(
             bench_configuration(
-                kind, items, context, rank, num_fields=args.fields, dim=args.dim,
+                kind, items, context, rank, orders, num_fields=args.fields, dim=args.dim,
                 vocab_size=args.vocab_size, warmup=args.warmup, repeats=args.repeats, seed=args.seed,
             )
         )
@@ -137,19 +153,26 @@ def plot(records: list[ScoringRecord], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # One colour per model, one line style per rank, one marker per order set: 23 series stay apart.
+    colours = {kind: plt.get_cmap("tab10")(i) for i, kind in enumerate(MODELS)}
+    styles = {None: "-", 1: "-", 2: "--", 3: ":"}
     item_counts = sorted({r.items for r in records})
     figure, axes = plt.subplots(1, len(item_counts), figsize=(6 * len(item_counts), 4.5), squeeze=False)
     for axis, items in zip(axes[0], item_counts):
         series: dict[str, list[ScoringRecord]] = {}
         for record in records:
             if record.items == items:
-                label = record.model if record.rank is None else f"{record.model} ρ={record.rank}"
-                series.setdefault(label, []).append(record)
+                series.setdefault(record.label, []).append(record)
         for label, points in sorted(series.items()):
             points.sort(key=lambda r: r.context_fields)
             x = [p.context_fields for p in points]
-            axis.plot(x, [p.median_ms for p in points], marker="o", label=label)
-            axis.fill_between(x, [p.min_ms for p in points], [p.max_ms for p in points], alpha=0.15)
+            first = points[0]
+            colour = colours.get(first.model)
+            axis.plot(
+                x, [p.median_ms for p in points], label=label, color=colour,
+                linestyle=styles.get(first.rank, "-."), marker="s" if first.orders and len(first.orders) > 1 else "o",
+            )
+            axis.fill_between(x, [p.min_ms for p in points], [p.max_ms for p in points], color=colour, alpha=0.05)
         axis.set_yscale("log")
         axis.set_title(f"{items} items per auction")
         axis.set_xlabel("context fields (of 40)")
@@ -167,13 +190,37 @@ def handle(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown models {unknown}; choose from {list(MODELS)}")
     records = run_grid(args)
     for r in records:
-        rank = "" if r.rank is None else f" rank {r.rank}"
         print(
-            f"{r.model:13s}{rank:8s} items {r.items:6d} context {r.context_fields:3d}: "
-            f"median {r.median_ms:8.3f} ms (min {r.min_ms:.3f}, max {r.max_ms:.3f})"
+            f"{r.label:30s} items {r.items:6d} context {r.context_fields:3d}: median {r.median_ms:8.3f} ms "
+            f"({1000 * r.median_ms / r.items:.3f} µs per item; min {r.min_ms:.3f}, max {r.max_ms:.3f})"
         )
+    for line in speed_ratios(records):
+        print(line)
     write_results(args.json, json.dumps([r.model_dump() for r in records], indent=2) + "\n", lambda path: plot(records, path))
     return 0
+
+
+def speed_ratios(records: list[ScoringRecord]) -> list[str]:
+    """Median-time ratios measured in the same run: each pruned FwFM against the full
+    FwFM, and each catalog series against its feature-row series, per grid point."""
+    def key(model: str, r: ScoringRecord, rank: int | None) -> tuple:
+        return model, rank, None if r.orders is None else tuple(r.orders), r.items, r.context_fields
+
+    by_key = {key(r.model, r, r.rank): r for r in records}
+    lines = []
+    for r in records:
+        if r.model == "pruned_fwfm":
+            baseline = by_key.get(key("fwfm", r, None))
+        elif r.model in FEATURE_ROW_SERIES:
+            baseline = by_key.get(key(FEATURE_ROW_SERIES[r.model], r, r.rank))
+        else:
+            continue
+        if baseline is not None:
+            lines.append(
+                f"ratio {r.label} / {baseline.label}, items {r.items}, context {r.context_fields}: "
+                f"{r.median_ms / baseline.median_ms:.3f}"
+            )
+    return lines
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -182,6 +229,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--items", type=int, nargs="+", default=[5000, 10000])
     parser.add_argument("--context-fields", type=int, nargs="+", default=[10, 15, 20, 25, 30])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument(
+        "--tensorfm-orders", type=lambda text: [int(d) for d in text.split(",")], nargs="+", default=[[2], [2, 3]],
+        help="tensorFM interaction orders per series, comma-separated (each order at every --ranks rank)",
+    )
     parser.add_argument("--models", nargs="+", default=list(MODELS), help=f"subset of {list(MODELS)}")
     parser.add_argument("--fields", type=int, default=40)
     parser.add_argument("--dim", type=int, default=16)

@@ -78,3 +78,22 @@ def test_rebuild_from_hyperparameters_and_state_dict():
     assert model.hyperparameters() == {"kind": "pruned_fwfm", "dim": 4, "rank": 2}
     with pytest.raises(ValueError, match="unknown model"):
         build_model(schema(), "nope", 4)
+
+
+def test_pruned_scoring_visits_only_the_kept_pairs():
+    """Per item: the kept item–item pairs and the item fields with a kept context pair, nothing else."""
+    fwfm = build_model(schema(8), "fwfm", 4)
+    with torch.no_grad():
+        fwfm.interaction_weights.copy_(torch.randperm(28).float() - 13.5)
+    pruned = PrunedFwFM.from_fwfm(fwfm, rank=1)  # 9 of 28 entries
+    item_fields = tuple(f"f{i}" for i in range(2, 8))
+    plan = pruned.kept_pairs(item_fields)
+    r = pruned.interaction_matrix().detach()
+    items = plan.active + 2  # schema positions (context fields are f0, f1)
+    visited = {(int(items[a]), int(items[b])) for a, b in zip(plan.left, plan.right)}
+    assert visited == {(i, j) for i in range(2, 8) for j in range(i + 1, 8) if r[i, j] != 0}
+    assert torch.equal(plan.weights, r[items[plan.left], items[plan.right]])
+    assert set((plan.cross_fields + 2).tolist()) == {j for j in range(2, 8) if r[:2, j].ne(0).any()}
+    assert torch.equal(plan.active[plan.cross], plan.cross_fields)
+    kept_item_pairs = sum(1 for i in range(2, 8) for j in range(i + 1, 8) if r[i, j] != 0)
+    assert len(plan.left) == kept_item_pairs < 15  # fewer than the dense 6 × 5 / 2

@@ -182,7 +182,7 @@ def test_derived_tables_follow_parameter_and_mask_updates():
 def test_tensorfm_cached_context_and_catalog_equal_the_full_forward(schema, orders, ranks, seed):
     """Π_j (A + B) per item, and its subset expansion as one inner product per catalog item."""
     rng = np.random.default_rng(seed)
-    model = random_model("tensorfm", schema, 1, seed, orders=orders, ranks=ranks[: len(orders)])
+    model = random_model("tensorfm", schema, 1, seed, orders=orders, cp_ranks=ranks[: len(orders)])
     contexts, items, context_index, expected = paired_rows(model, schema, 13, rng)
     with torch.no_grad():
         state = model.encode_context(contexts)

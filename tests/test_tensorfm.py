@@ -31,7 +31,7 @@ def schema(m: int = 6) -> FeatureSchema:
 
 def test_the_interaction_term_is_the_cp_formula_summed_naively():
     torch.manual_seed(0)
-    model = build_model(schema(), "tensorfm", 3, orders=[2, 3, 2], ranks=[2, 3, 1])
+    model = build_model(schema(), "tensorfm", 3, orders=[2, 3, 2], cp_ranks=[2, 3, 1])
     vectors = torch.randn(4, 6, 3, dtype=torch.float64)
     expected = torch.zeros(4, dtype=torch.float64)
     for factor in model.factors:
@@ -49,7 +49,7 @@ def test_the_interaction_term_is_the_cp_formula_summed_naively():
 def test_one_order_two_term_is_an_fwfm_with_its_diagonal():
     """Σ_{f,g} M_fg <v_f, v_g> with M = W[0]ᵀ W[1]: R = M + Mᵀ off the diagonal, plus M_ff ‖v_f‖²."""
     torch.manual_seed(1)
-    model = build_model(schema(), "tensorfm", 4, orders=[2], ranks=[3], factor_init="reference")
+    model = build_model(schema(), "tensorfm", 4, orders=[2], cp_ranks=[3], factor_init="reference")
     factor = model.factors[0].detach()
     interactions = factor[0].T @ factor[1]  # (m, m), rank ≤ 3, not symmetric
     assert torch.linalg.matrix_rank(interactions) == 3
@@ -72,7 +72,7 @@ def test_the_fm_init_learns_planted_interactions_at_least_as_well_as_the_referen
         aucs = {}
         for factor_init in ("fm", "reference"):
             torch.manual_seed(0)
-            model = TensorFM(planted.schema, 8, orders=orders, ranks=ranks, sparse=True, factor_init=factor_init)
+            model = TensorFM(planted.schema, 8, orders=orders, cp_ranks=ranks, sparse=True, factor_init=factor_init)
             aucs[factor_init] = fit_in_memory(model, config, train, valid).best_valid["auc"]
         assert aucs["fm"] > constant["auc"] + 0.3, (orders, aucs)
         assert aucs["fm"] >= aucs["reference"] + 0.02, (orders, aucs)
@@ -80,7 +80,7 @@ def test_the_fm_init_learns_planted_interactions_at_least_as_well_as_the_referen
 
 def test_l2_reaches_the_interaction_tensors_once_per_row():
     torch.manual_seed(2)
-    model = build_model(schema(), "tensorfm", 4, orders=[2, 3], ranks=[1, 2]).train()
+    model = build_model(schema(), "tensorfm", 4, orders=[2, 3], cp_ranks=[1, 2]).train()
     batch = FeatureBatch.from_columns(schema(), {f"f{i}": [1, 2, 3] for i in range(6)})
     outputs = model.training_outputs(batch)
     rows = model.embedding(batch).row_sq_norm
@@ -92,9 +92,9 @@ def test_l2_reaches_the_interaction_tensors_once_per_row():
 
 def test_bad_orders_and_ranks_are_clear_errors():
     with pytest.raises(ValueError, match="one rank per interaction order"):
-        build_model(schema(), "tensorfm", 4, orders=[2, 3], ranks=[2])
-    with pytest.raises(ValueError, match="orders must be at least 2"):
-        build_model(schema(), "tensorfm", 4, orders=[1], ranks=[2])
+        build_model(schema(), "tensorfm", 4, orders=[2, 3], cp_ranks=[2])
+    with pytest.raises(ValueError, match="orders must be at least 2 and CP ranks"):
+        build_model(schema(), "tensorfm", 4, orders=[1], cp_ranks=[2])
     with pytest.raises(ValueError, match="unknown factor_init"):
         build_model(schema(), "tensorfm", 4, factor_init="zeros")
 
@@ -119,7 +119,7 @@ SERVE_VOCABULARY = Vocabulary(
 
 def test_a_bundle_round_trips_and_the_scorer_serves_it_by_features_and_from_a_catalog(tmp_path: Path):
     torch.manual_seed(3)
-    model = build_model(SERVE_SCHEMA, "tensorfm", 4, orders=[2, 3], ranks=[3, 2])
+    model = build_model(SERVE_SCHEMA, "tensorfm", 4, orders=[2, 3], cp_ranks=[3, 2])
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.3)  # nonzero linear weights, generic W
@@ -127,7 +127,7 @@ def test_a_bundle_round_trips_and_the_scorer_serves_it_by_features_and_from_a_ca
     bundle_path = save_bundle(tmp_path / "bundle", model, vocabulary_dir=tmp_path / "vocab")
     bundle = load_bundle(bundle_path)
     assert bundle.model.hyperparameters() == {
-        "kind": "tensorfm", "dim": 4, "orders": [2, 3], "ranks": [3, 2], "factor_init": "fm",
+        "kind": "tensorfm", "dim": 4, "orders": [2, 3], "cp_ranks": [3, 2], "factor_init": "fm",
     }
     features = {"advertiser": ["globex", "acme", None], "genres": [["noir"], ["drama", "sf"], []]}
     catalog_path = tmp_path / "items.parquet"

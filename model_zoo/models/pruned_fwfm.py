@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from model_zoo.batch import FeatureBatch
-from model_zoo.embedding import lookup
+from model_zoo.embedding import prefetch
 from model_zoo.models.base import rows_for
 from model_zoo.models.fwfm import FwFM, FwFMContext
 from model_zoo.schema import FeatureSchema
@@ -73,17 +73,20 @@ class PrunedFwFM(FwFM):
         self.check_items(state, items)
         plan = self.cached(("kept_pairs", items.fields), lambda: self.kept_pairs(items.fields))
         if items.bags:
+            # The averaged bag vectors become the table the kernel reads, one row per (item, field).
             embedded = self.embedding(items)
-            vectors, linear = embedded.vectors[:, plan.active].contiguous(), embedded.linear
+            table = embedded.vectors[:, plan.active].reshape(-1, self.dim)
+            rows = torch.arange(table.shape[0]).view(len(items), -1)
+            linear = embedded.linear
         else:
+            table, linear = self.embedding.vectors.weight, self.embedding.linear_terms(items)
             rows = self.embedding.global_rows(items)[:, plan.active]
-            vectors, linear = lookup(self.embedding.vectors, rows), self.embedding.linear_terms(items)
         scalar = rows_for(context_index, state.scalar)
         index = torch.zeros(len(items), dtype=torch.int64) if context_index is None else context_index
         aggregate = state.aggregate[:, plan.cross_fields]  # (A, J, k)
         pairs = torch.empty(len(items))
         _kept_pair_terms(
-            *(t.detach().contiguous().numpy() for t in (vectors, plan.left, plan.right, plan.weights, plan.cross, aggregate, index)),
+            *(t.detach().contiguous().numpy() for t in (table, rows, plan.left, plan.right, plan.weights, plan.cross, aggregate, index)),
             pairs.numpy(),
         )
         return scalar + linear + pairs
@@ -108,20 +111,32 @@ class PrunedFwFM(FwFM):
         )
 
 
+_PREFETCH_ITEMS = 2  # items ahead whose rows are requested while one is summed
+
+
 @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"})
-def _kept_pair_terms(vectors, left, right, weights, cross, aggregate, context_index, out):  # pragma: no cover - compiled
-    """out[n] = Σ_p w_p <v_{n,left_p}, v_{n,right_p}> + Σ_j <c_{a(n), j}, v_{n, cross_j}>: one
-    item's (F', k) block stays in L1 while all its kept pairs are summed."""
-    items, _, dim = vectors.shape
+def _kept_pair_terms(table, rows, left, right, weights, cross, aggregate, context_index, out):  # pragma: no cover - compiled
+    """out[n] = Σ_p w_p <v_{n,left_p}, v_{n,right_p}> + Σ_j <c_{a(n), j}, v_{n, cross_j}>, with
+    v_{n,f} = table[rows[n, f]] read in place (no gathered copy). Products are summed
+    elementwise and reduced once per item: no horizontal sum per pair."""
+    items, fields = rows.shape
+    count, dim = table.shape
+    row_bytes = dim * table.itemsize
+    acc = np.empty(dim, dtype=np.float32)
     for n in range(items):
+        if n + _PREFETCH_ITEMS < items:
+            for f in range(fields):
+                ahead = rows[n + _PREFETCH_ITEMS, f]
+                if 0 <= ahead < count:
+                    prefetch(table.ctypes.data + ahead * row_bytes)
         context = context_index[n]
-        total = np.float32(0.0)
+        acc[:] = 0.0
         for p in range(left.shape[0]):
-            dot = np.float32(0.0)
+            a, b, w = rows[n, left[p]], rows[n, right[p]], weights[p]
             for k in range(dim):
-                dot += vectors[n, left[p], k] * vectors[n, right[p], k]
-            total += weights[p] * dot
+                acc[k] += w * table[a, k] * table[b, k]
         for j in range(cross.shape[0]):
+            a = rows[n, cross[j]]
             for k in range(dim):
-                total += aggregate[context, j, k] * vectors[n, cross[j], k]
-        out[n] = total
+                acc[k] += aggregate[context, j, k] * table[a, k]
+        out[n] = acc.sum()

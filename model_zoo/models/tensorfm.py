@@ -49,20 +49,20 @@ class TensorFM(CTRModel):
         schema: FeatureSchema,
         dim: int,
         orders: Sequence[int] = (2, 3),
-        ranks: Sequence[int] = (2, 2),
+        cp_ranks: Sequence[int] = (2, 2),
         sparse: bool = False,
         init_std: float = 0.1,
         factor_init: FactorInit = "fm",
     ):
         super().__init__(schema, dim, sparse=sparse, init_std=init_std)
-        self.orders, self.ranks = [int(d) for d in orders], [int(r) for r in ranks]
-        if not self.orders or len(self.orders) != len(self.ranks):
-            raise ValueError(f"give one rank per interaction order, got orders {self.orders} and ranks {self.ranks}")
-        if min(self.orders) < 2 or min(self.ranks) < 1:
-            raise ValueError(f"orders must be at least 2 and ranks at least 1, got {self.orders} and {self.ranks}")
+        self.orders, self.cp_ranks = [int(d) for d in orders], [int(r) for r in cp_ranks]
+        if not self.orders or len(self.orders) != len(self.cp_ranks):
+            raise ValueError(f"give one rank per interaction order, got orders {self.orders} and CP ranks {self.cp_ranks}")
+        if min(self.orders) < 2 or min(self.cp_ranks) < 1:
+            raise ValueError(f"orders must be at least 2 and CP ranks at least 1, got {self.orders} and {self.cp_ranks}")
         self.factor_init = factor_init
         m = schema.num_fields
-        self.factors = nn.ParameterList([nn.Parameter(torch.empty(d, r, m)) for d, r in zip(self.orders, self.ranks)])
+        self.factors = nn.ParameterList([nn.Parameter(torch.empty(d, r, m)) for d, r in zip(self.orders, self.cp_ranks)])
         for d, factor in zip(self.orders, self.factors):
             if factor_init == "fm":
                 # Start at the FM this model generalises: an order-2 component of all ones
@@ -87,7 +87,7 @@ class TensorFM(CTRModel):
     def order_terms(self, projection: Tensor) -> Tensor:
         """(N,) Σ_l Σ_{r,k} Π_j of an order-major projection (Σ_l d_l r_l, N, k)."""
         total, start = projection.new_zeros(projection.shape[1]), 0
-        for d, r in zip(self.orders, self.ranks):
+        for d, r in zip(self.orders, self.cp_ranks):
             block = projection[start : start + d * r].unflatten(0, (d, r))  # (d, r, N, k)
             total = total + block.prod(0).sum(-1).sum(0)
             start += d * r
@@ -144,7 +144,7 @@ class TensorFM(CTRModel):
     def _subsets(self) -> list[tuple[int, int, int, tuple[int, ...]]]:
         """(start, d, r, S) for every order and every proper nonempty S ⊂ {0..d−1}."""
         subsets, start = [], 0
-        for d, r in zip(self.orders, self.ranks):
+        for d, r in zip(self.orders, self.cp_ranks):
             for size in range(1, d):
                 subsets += [(start, d, r, chosen) for chosen in itertools.combinations(range(d), size)]
             start += d * r
@@ -168,4 +168,4 @@ class TensorFM(CTRModel):
         return torch.cat(parts, dim=1), state.scalar + self.order_terms(projection)  # S = all: context-only
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {**super().hyperparameters(), "orders": self.orders, "ranks": self.ranks, "factor_init": self.factor_init}
+        return {**super().hyperparameters(), "orders": self.orders, "cp_ranks": self.cp_ranks, "factor_init": self.factor_init}
