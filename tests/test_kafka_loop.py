@@ -52,9 +52,10 @@ def run_loop(
     until: Callable[[], bool],
     membership: Callable[[], tuple[int, int]] = lambda: (0, 1),
     timeout_s: float = 5.0,
+    score: Callable[[Sequence[bytes], int, Sequence[dict[str, object]]], BatchReport] = fake_score,
 ) -> KafkaLoop:
     loop = KafkaLoop(
-        KafkaClientConfig(bootstrap_servers="unused:9092"), TOPICS, "group", 8, fake_score, lambda lag: None,
+        KafkaClientConfig(bootstrap_servers="unused:9092"), TOPICS, "group", 8, score, lambda lag: None,
         membership, clients=lambda: (consumer, producer),
     )
     loop.start()
