@@ -9,7 +9,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from serve_app.config import ModelConfig
@@ -21,6 +21,11 @@ from tests.test_serve_runtime import make_bundle, random_auction
 
 VALID = [random_auction(np.random.default_rng(n), f"v{n}") for n in range(4)]
 VALID_MAPS = [msgpack.unpackb(m) for m in VALID]
+# Known triggers, always tried: str and binary keys together, a weight beyond float32.
+KNOWN = [
+    msgpack.packb({**VALID_MAPS[0], "context": {"x": 1, b"y": 2}}, use_bin_type=True),
+    msgpack.packb({**VALID_MAPS[1], "context": {"tags": {"sport": 1e300}}}, use_bin_type=True),
+]
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-(1 << 63), (1 << 64) - 1), st.floats(width=64),
@@ -76,6 +81,7 @@ def check_answer(value: bytes, reason: object, message: bytes) -> None:
 
 @FUZZ
 @given(st.lists(messages, min_size=1, max_size=8))
+@example(KNOWN)
 def test_score_messages_answers_every_message_once(runtime: ScoringRuntime, batch: list[bytes]) -> None:
     report = runtime.score_messages([*batch, VALID[0]])
     assert len(report.replies) == len(batch) + 1
@@ -86,6 +92,7 @@ def test_score_messages_answers_every_message_once(runtime: ScoringRuntime, batc
 
 @settings(FUZZ, max_examples=25)
 @given(st.lists(messages, min_size=1, max_size=12))
+@example(KNOWN)
 def test_the_kafka_loop_answers_every_message_once(runtime: ScoringRuntime, batch: list[bytes]) -> None:
     broker = FakeBroker({"auctions": 2, "scores": 1, "auctions.dlq": 1, "replies.mine": 1})
     sent = [broker.append("auctions", n % 2, message) for n, message in enumerate(batch)]
