@@ -173,13 +173,21 @@ class Scorer:
         return JSONResponse(body, status_code=200 if consumer != "dead" else 503)
 
     async def _score_http(self, request: Request) -> Response:
-        body = await request.body()
         as_msgpack = request.headers.get("content-type", "").split(";")[0].strip() in MSGPACK_TYPES
+        body = await _read_body(request, self.service.limits.max_message_bytes)
+        if body is None:
+            failure = ProtocolError(Reason.message_too_large, f"body over {self.service.limits.max_message_bytes} bytes")
+            return _error_response(encode_error(failure, b""), as_msgpack)
         if not as_msgpack:
             try:
-                body = msgpack.packb(json.loads(body), use_bin_type=True)
-            except (ValueError, TypeError) as error:
-                failure = ProtocolError(Reason.malformed_json, f"cannot parse the JSON body: {error}")
+                parsed = json.loads(body)
+            except Exception as error:  # ValueError, RecursionError (deep nesting), UnicodeDecodeError
+                failure = ProtocolError(Reason.malformed_json, f"cannot parse the JSON body: {type(error).__name__}: {error}")
+                return _error_response(encode_error(failure, body), as_msgpack=False)
+            try:
+                body = msgpack.packb(parsed, use_bin_type=True)
+            except Exception as error:  # integers beyond 64 bits, nesting beyond msgpack's limit
+                failure = ProtocolError(Reason.invalid_value, f"the JSON body has no msgpack form: {type(error).__name__}: {error}")
                 return _error_response(encode_error(failure, body), as_msgpack=False)
         report = await asyncio.to_thread(self.score, [body])
         reply = report.replies[0]
@@ -188,6 +196,21 @@ class Scorer:
         if as_msgpack:
             return Response(reply.value, media_type=MSGPACK_TYPES[0])
         return JSONResponse(unpack(reply.value))
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The request body, or None as soon as it is known to exceed ``limit`` bytes (from
+    Content-Length, else while it streams in): an oversized body is never read whole."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _error_response(value: bytes, as_msgpack: bool) -> Response:

@@ -34,6 +34,7 @@ from streaming.protocol import (
     encode_error,
     encode_reply,
     now_ms,
+    unexpected_error,
 )
 
 CATALOG_ID_COLUMN = "item_id"
@@ -106,7 +107,9 @@ class ScoringRuntime:
         sources: Sequence[dict[str, object]] | None = None,
     ) -> BatchReport:
         """One reply per message, in input order; never raises for a bad message.
-        ``sources`` (per message, e.g. its topic/partition/offset) go into error replies."""
+        ``sources`` (per message, e.g. its topic/partition/offset) go into error replies.
+        Whatever fails on one message (its decoding, mapping, scoring or reply) is that
+        message's error reply; the batch's other messages are scored as usual."""
         received_at_ms = now_ms() if received_at_ms is None else received_at_ms
         replies: list[Reply | None] = [None] * len(messages)
         accepted: list[tuple[int, Auction]] = []
@@ -122,7 +125,9 @@ class ScoringRuntime:
                     )
                 accepted.append((position, auction))
             except ProtocolError as error:
-                replies[position] = _error_reply(error, messages, position, sources)
+                replies[position] = self._error_reply(error, messages, position, sources)
+            except Exception as error:
+                replies[position] = self._error_reply(unexpected_error(error), messages, position, sources)
         report = BatchReport(replies=[])
         if accepted:
             self._score_accepted(accepted, messages, sources, replies, received_at_ms, report)
@@ -145,22 +150,23 @@ class ScoringRuntime:
         encoded = self.encoder.encode_many([a for _, a in accepted], self.catalog.position if self.catalog else None)
         for index, error in encoded.errors:
             position = accepted[index][0]
-            replies[position] = _error_reply(error, messages, position, sources)
+            replies[position] = self._error_reply(error, messages, position, sources)
         rejected = {index for index, _ in encoded.errors}
         positions = [p for i, (p, _) in enumerate(accepted) if i not in rejected]
+        scores: list[np.ndarray | Exception]
         try:
             scores = self._score(encoded)
-        except Exception as error:  # a valid auction the model could not score: each one gets a reason
-            for position, auction in zip(positions, encoded.auctions):
-                failure = ProtocolError(Reason.scoring_failed, f"{type(error).__name__}: {error}", auction.auction_id)
-                replies[position] = _error_reply(failure, messages, position, sources)
-            return
+            finite = not scores or bool(np.isfinite(np.concatenate(scores)).all())  # one pass for the batch
+        except Exception:  # one auction the model fails on must not fail the others: score each alone
+            scores, finite = [self._score_alone(auction) for auction in encoded.auctions], False
         scoring_ms = (time.perf_counter() - started) * 1000.0
         queue_wait = [max(0, received_at_ms - a.sent_at_ms) for a in encoded.auctions]
         served_at = now_ms()
         for position, auction, auction_scores, wait in zip(positions, encoded.auctions, scores, queue_wait):
-            replies[position] = Reply(
-                encode_reply(
+            try:
+                if not finite:
+                    _check_scores(auction_scores)
+                value = encode_reply(
                     auction,
                     auction_scores,
                     model=self.bundle.name,
@@ -168,15 +174,32 @@ class ScoringRuntime:
                     queue_wait_ms=wait,
                     scoring_ms=scoring_ms,
                     served_at_ms=served_at,
-                ),
+                )
+            except Exception as error:
+                failure = error if isinstance(error, ProtocolError) else unexpected_error(error)
+                failure.auction_id = auction.auction_id
+                replies[position] = self._error_reply(failure, messages, position, sources)
+                continue
+            replies[position] = Reply(
+                value,
                 auction.auction_id,
                 auction.reply_to,
                 items=len(auction),
                 end_to_end_ms=float(max(0, served_at - auction.sent_at_ms)),
             )
+            report.auctions += 1
+            report.items += len(auction)
         report.scoring_ms = scoring_ms
-        report.auctions = len(encoded.auctions)
-        report.items = sum(len(a) for a in encoded.auctions)
+
+    def _score_alone(self, auction: Auction) -> np.ndarray | Exception:
+        """One auction's scores, or what scoring it raised."""
+        try:
+            encoded = self.encoder.encode_many([auction], self.catalog.position if self.catalog else None)
+            if encoded.errors:
+                return encoded.errors[0][1]
+            return self._score(encoded)[0]
+        except Exception as error:
+            return error
 
     def _score(self, encoded: EncodedBatch) -> list[np.ndarray]:
         if not encoded.auctions:
@@ -199,6 +222,19 @@ class ScoringRuntime:
         return self.context_cache.encode(self.bundle.model.encode_context, encoded.context, encoded.context_keys())
 
 
-def _error_reply(error: ProtocolError, messages: Sequence[bytes], position: int, sources: Sequence[dict[str, object]] | None) -> Reply:
-    source = sources[position] if sources is not None else None
-    return Reply(encode_error(error, messages[position], source=source), error.auction_id, reason=error.reason)
+    def _error_reply(
+        self, error: ProtocolError, messages: Sequence[bytes], position: int, sources: Sequence[dict[str, object]] | None
+    ) -> Reply:
+        source = sources[position] if sources is not None else None
+        value = encode_error(
+            error, messages[position], source=source, max_original_bytes=self.limits.max_dead_letter_original_bytes
+        )
+        return Reply(value, error.auction_id, reason=error.reason)
+
+
+def _check_scores(scores: np.ndarray | Exception) -> None:
+    """Raise what scoring raised, or ``non_finite_score``: NaN is never a score reply."""
+    if isinstance(scores, Exception):
+        raise scores
+    if not np.isfinite(scores).all():
+        raise ProtocolError(Reason.non_finite_score, "the model gave a NaN or infinite score")

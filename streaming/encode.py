@@ -23,6 +23,7 @@ over a hash table of the field's integer tokens (``_IntegerIndex``).
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from itertools import chain
@@ -37,10 +38,26 @@ from torch import Tensor
 from model_zoo.batch import Bag, FeatureBatch
 from model_zoo.schema import MISSING_INDEX, RARE_INDEX, RESERVED_INDICES, FeatureSchema, Kind
 from model_zoo.vocab import FieldVocabulary, Vocabulary
-from streaming.protocol import DEFAULT_LIMITS, Auction, ItemId, ProtocolError, ProtocolLimits, Reason, unpack_column
+from streaming.protocol import (
+    DEFAULT_LIMITS,
+    Auction,
+    ItemId,
+    ProtocolError,
+    ProtocolLimits,
+    Reason,
+    quote,
+    quote_keys,
+    unexpected_error,
+    unpack_column,
+)
 
 MissingPolicy = Literal["missing_index", "error"]
-_MAX_CACHED_VALUES = 1 << 16  # per field; the cache is cleared when full (bounded memory under unseen-value floods)
+# Per field; the cache is cleared when either is reached (bounded memory under floods of
+# unseen values, long strings included).
+_MAX_CACHED_VALUES = 1 << 16
+_MAX_CACHED_BYTES = 8 << 20
+# Weights become float32: a larger one is infinity there, and its scores NaN.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def identity_vocabulary(schema: FeatureSchema) -> Vocabulary:
@@ -118,13 +135,14 @@ def _hash_lookup(table_keys, table_indices, values, shift):  # pragma: no cover 
 class _FieldMapper:
     """Raw value -> index for one field, remembering the values it has seen."""
 
-    __slots__ = ("name", "vocabulary", "limits", "cache", "_integers")
+    __slots__ = ("name", "vocabulary", "limits", "cache", "cache_bytes", "_integers")
 
     def __init__(self, name: str, vocabulary: FieldVocabulary, limits: ProtocolLimits) -> None:
         self.name = name
         self.vocabulary = vocabulary
         self.limits = limits
         self.cache: dict[Any, int] = {}
+        self.cache_bytes = 0  # sys.getsizeof of the cached values
         self._integers: _IntegerIndex | None = None  # built on the field's first packed column
 
     def packed(self, values: np.ndarray) -> np.ndarray:
@@ -169,11 +187,13 @@ class _FieldMapper:
             weights = list(value.values())
             for weight in weights:
                 if type(weight) not in (int, float):
-                    raise ProtocolError(Reason.wrong_type, f"field {self.name!r}: weight {weight!r} is not a number")
+                    raise ProtocolError(Reason.wrong_type, f"field {self.name!r}: weight {quote(weight)} is not a number")
                 if not math.isfinite(weight):
                     raise ProtocolError(Reason.non_finite, f"field {self.name!r}: weight {weight} is not finite")
-                if weight <= 0:
-                    raise ProtocolError(Reason.invalid_value, f"field {self.name!r}: weight {weight} is not positive")
+                if not 0 < weight <= _FLOAT32_MAX:
+                    raise ProtocolError(
+                        Reason.invalid_value, f"field {self.name!r}: weight {weight} is not in (0, {_FLOAT32_MAX:.4g}]"
+                    )
             return [self.index(v) for v in value], [float(w) for w in weights]
         return [self.index(value)], [1.0]
 
@@ -201,9 +221,12 @@ class _FieldMapper:
             index = self.vocabulary.lookup_one(value)
         except ValueError:  # a transform such as Criteo's log binning needs a number
             raise ProtocolError(Reason.invalid_value, f"field {self.name!r}: {value!r} is not a number") from None
-        if len(self.cache) >= _MAX_CACHED_VALUES:
+        size = sys.getsizeof(value)
+        if len(self.cache) >= _MAX_CACHED_VALUES or self.cache_bytes + size > _MAX_CACHED_BYTES:
             self.cache.clear()
+            self.cache_bytes = 0
         self.cache[value] = index
+        self.cache_bytes += size
         return index
 
 
@@ -249,9 +272,9 @@ class _Side:
     def _check_keys(self, values: dict[str, Any], missing: MissingPolicy) -> None:
         unknown = values.keys() - self.allowed
         if unknown:
-            raise ProtocolError(Reason.unknown_field, f"{sorted(unknown)} are not {self.label} fields of this model")
+            raise ProtocolError(Reason.unknown_field, f"{quote_keys(unknown)} are not {self.label} fields of this model")
         if missing == "error" and len(values) < len(self.names):
-            absent = sorted(self.allowed - values.keys())
+            absent = quote_keys(self.allowed - values.keys())
             raise ProtocolError(Reason.missing_field, f"{self.label} fields {absent} are missing")
 
     def batch(self, columns: list[Sequence[Any] | np.ndarray], count: int) -> FeatureBatch:
@@ -356,7 +379,7 @@ class AuctionEncoder:
         ``catalog`` maps catalog item ids to catalog rows (``ItemCatalog.position``)."""
         try:
             return self._encode_all(list(auctions), catalog)
-        except ProtocolError:
+        except Exception:  # a ProtocolError, or a value no check foresaw
             pass
         # Some auction is bad: find which, one at a time, then encode the others together.
         good, errors = [], []
@@ -367,6 +390,8 @@ class AuctionEncoder:
             except ProtocolError as error:
                 error.auction_id = auction.auction_id
                 errors.append((position, error))
+            except Exception as error:
+                errors.append((position, unexpected_error(error, auction.auction_id)))
         return replace(self._encode_all([auctions[p] for p in good], catalog), errors=errors)
 
     def _encode_all(self, auctions: list[Auction], catalog: Mapping[ItemId, int] | None) -> EncodedBatch:

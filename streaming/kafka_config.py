@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 BOOTSTRAP_ENV = "RANKSTREAM_BOOTSTRAP_SERVERS"
 SASL_PASSWORD_ENV = "RANKSTREAM_KAFKA_SASL_PASSWORD"
@@ -32,9 +33,38 @@ class TopicNames(BaseModel):
     auctions: str = "auctions"
     scores: str = "scores"
     dlq: str = "auctions.dlq"
+    reply_to_pattern: str | None = Field(
+        default=None,
+        description="regular expression (whole name) of the topics an auction's reply_to may name besides the "
+        "scores topic; by default none",
+    )
+
+    @field_validator("reply_to_pattern")
+    @classmethod
+    def _compiles(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise ValueError(f"reply_to_pattern {pattern!r}: {error}") from None
+        return pattern
 
     def all(self) -> list[str]:
         return [self.auctions, self.scores, self.dlq]
+
+    def reply_to_refusal(self, topic: str) -> str | None:
+        """Why an auction may not have its reply sent to ``topic``, or None if it may:
+        reply_to must not make the scorer a relay into any topic it can write."""
+        if topic == self.scores:
+            return None
+        if topic.startswith("__"):
+            return "an internal topic"
+        if topic in (self.auctions, self.dlq):
+            return "the scorer's own request or dead-letter topic"
+        if self.reply_to_pattern is not None and re.fullmatch(self.reply_to_pattern, topic):
+            return None
+        allowed = f" or match {self.reply_to_pattern!r}" if self.reply_to_pattern is not None else ""
+        return f"replies go to {self.scores!r}{allowed}"
 
 
 class KafkaClientConfig(BaseModel):

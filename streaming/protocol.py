@@ -15,6 +15,7 @@ binary for packed integer columns (``pack_column``).
 from __future__ import annotations
 
 import re
+import reprlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -50,16 +51,34 @@ class Reason(str, Enum):
     unknown_catalog_item = "unknown_catalog_item"
     catalog_unavailable = "catalog_unavailable"  # catalog ids sent but the model has no item catalog
     scoring_failed = "scoring_failed"  # the scorer failed on a valid auction
+    non_finite_score = "non_finite_score"  # the model gave NaN or infinity (e.g. weights beyond float32's range)
+    invalid_reply_to = "invalid_reply_to"  # raised by the Kafka loop: the scorer may not or cannot reply there
+    reply_rejected = "reply_rejected"  # raised by the Kafka loop: the broker refused the reply for good
+
+
+MAX_ERROR_MESSAGE_CHARS = 1_000
+# Values quoted in error messages: a few levels, elements and characters, whatever their size.
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlevel, _QUOTE.maxdict, _QUOTE.maxlist, _QUOTE.maxstring, _QUOTE.maxother, _QUOTE.maxlong = 3, 8, 8, 80, 80, 40
 
 
 class ProtocolError(ValueError):
-    """A message that cannot be scored; ``auction_id`` is set when it could be read."""
+    """A message that cannot be scored; ``auction_id`` is set when it could be read.
+    The message is cut to ``MAX_ERROR_MESSAGE_CHARS``: dead letters stay small."""
 
     def __init__(self, reason: Reason, message: str, auction_id: str | None = None) -> None:
+        if len(message) > MAX_ERROR_MESSAGE_CHARS:
+            message = message[: MAX_ERROR_MESSAGE_CHARS - 1] + "…"
         super().__init__(f"{reason.value}: {message}")
         self.reason = reason
         self.message = message
         self.auction_id = auction_id
+
+
+def unexpected_error(error: BaseException, auction_id: str | None = None) -> ProtocolError:
+    """A failure no check foresaw (a bug, or an input nobody thought of), as the
+    ``scoring_failed`` error of the one message it happened on."""
+    return ProtocolError(Reason.scoring_failed, f"{type(error).__name__}: {error}", auction_id)
 
 
 class ProtocolLimits(BaseModel):
@@ -72,6 +91,15 @@ class ProtocolLimits(BaseModel):
     max_bag_values: int = Field(default=256, ge=1, description="values of one multi-valued field")
     max_id_length: int = Field(default=256, ge=1, description="characters of auction and item ids")
     max_value_length: int = Field(default=1_024, ge=1, description="characters of one raw string value")
+    # msgpack decoding limits, checked by the C decoder before anything is built; nesting
+    # deeper than msgpack's own fixed limit (1,024 levels) is malformed_msgpack too.
+    max_string_bytes: int = Field(default=16_384, ge=1, description="bytes of one msgpack string (keys included)")
+    max_binary_bytes: int = Field(default=65_536, ge=8, description="bytes of one msgpack binary (a packed column)")
+    max_array_length: int = Field(default=65_536, ge=1, description="elements of one msgpack array")
+    max_map_length: int = Field(default=65_536, ge=1, description="entries of one msgpack map")
+    max_dead_letter_original_bytes: int = Field(
+        default=65_536, ge=0, description="bytes of the original message kept in its dead letter"
+    )
 
 
 DEFAULT_LIMITS = ProtocolLimits()
@@ -139,7 +167,7 @@ def decode_auction(data: bytes, limits: ProtocolLimits = DEFAULT_LIMITS) -> Auct
     """Decode and check an auction request's envelope; raises ProtocolError."""
     if len(data) > limits.max_message_bytes:
         raise ProtocolError(Reason.message_too_large, f"{len(data)} bytes, limit {limits.max_message_bytes}")
-    message = unpack(data)
+    message = unpack(data, limits)
     if type(message) is not dict:
         raise ProtocolError(Reason.not_a_map, f"top level is {_type_name(message)}, expected a map")
     auction_id = message.get("auction_id")
@@ -155,7 +183,7 @@ def _check_auction(message: dict[str, Any], size: int, limits: ProtocolLimits) -
     _check_version(message)
     unknown = message.keys() - _AUCTION_KEYS
     if unknown:
-        raise ProtocolError(Reason.unknown_field, f"unknown keys {sorted(unknown)}")
+        raise ProtocolError(Reason.unknown_field, f"unknown keys {quote_keys(unknown)}")
     for key in _REQUIRED_KEYS:
         if key not in message:
             raise ProtocolError(Reason.missing_field, f"{key!r} is required")
@@ -187,8 +215,8 @@ def _check_auction(message: dict[str, Any], size: int, limits: ProtocolLimits) -
     reply_to = message.get("reply_to")
     if reply_to is not None:
         reply_to = _string(message, "reply_to", 249)
-        if not _TOPIC_NAME.fullmatch(reply_to):
-            raise ProtocolError(Reason.invalid_value, f"'reply_to' {reply_to!r} is not a legal topic name")
+        if not _TOPIC_NAME.fullmatch(reply_to) or reply_to in (".", ".."):
+            raise ProtocolError(Reason.invalid_reply_to, f"'reply_to' {reply_to!r} is not a legal topic name")
     return Auction(auction_id, sent_at_ms, context, item_ids, item_features, item_columns, model, top_k, reply_to, size)
 
 
@@ -209,9 +237,9 @@ def _check_item_rows(items: Any, limits: ProtocolLimits) -> tuple[list[ItemId], 
         for item in items:
             unknown, missing = item.keys() - _ITEM_KEYS, _ITEM_KEYS - item.keys()
             if unknown:
-                raise ProtocolError(Reason.unknown_field, f"unknown item keys {sorted(unknown)}")
+                raise ProtocolError(Reason.unknown_field, f"unknown item keys {quote_keys(unknown)}")
             if missing:
-                raise ProtocolError(Reason.missing_field, f"an item lacks {sorted(missing)}")
+                raise ProtocolError(Reason.missing_field, f"an item lacks {quote_keys(missing)}")
     item_ids = [item["item_id"] for item in items]
     id_types = set(map(type, item_ids))
     if not id_types <= _ID_TYPES:
@@ -227,9 +255,9 @@ def _check_item_columns(items: dict[str, Any], limits: ProtocolLimits) -> tuple[
     """The columns form: {"item_id": [ids], "features": {field: [one value per item] or a packed column}}."""
     unknown, missing = items.keys() - _ITEM_KEYS, _ITEM_KEYS - items.keys()
     if unknown:
-        raise ProtocolError(Reason.unknown_field, f"unknown keys in 'items' {sorted(unknown)}")
+        raise ProtocolError(Reason.unknown_field, f"unknown keys in 'items' {quote_keys(unknown)}")
     if missing:
-        raise ProtocolError(Reason.missing_field, f"'items' lacks {sorted(missing)}")
+        raise ProtocolError(Reason.missing_field, f"'items' lacks {quote_keys(missing)}")
     item_ids, columns = items["item_id"], items["features"]
     if type(item_ids) is not list:
         raise ProtocolError(Reason.wrong_type, f"'item_id' is {_type_name(item_ids)}, expected an array")
@@ -383,6 +411,7 @@ class ErrorReply:
     original: bytes
     failed_at_ms: int
     source: dict[str, Any] | None = None  # {"topic", "partition", "offset"} of the original
+    original_bytes: int | None = None  # the original's length, when ``original`` holds only its start
 
 
 def encode_error(
@@ -391,16 +420,21 @@ def encode_error(
     *,
     source: Mapping[str, Any] | None = None,
     failed_at_ms: int | None = None,
+    max_original_bytes: int = DEFAULT_LIMITS.max_dead_letter_original_bytes,
 ) -> bytes:
-    """The dead-letter record for a message that could not be scored."""
+    """The dead-letter record for a message that could not be scored: bounded (the
+    message is already cut; the original keeps its first ``max_original_bytes``, and
+    ``original_bytes`` then says how long it was), its ``source`` always kept."""
     message: dict[str, Any] = {
         "version": PROTOCOL_VERSION,
         "auction_id": error.auction_id,
         "reason": error.reason.value,
         "message": error.message,
-        "original": bytes(original),
+        "original": bytes(original[:max_original_bytes]),
         "failed_at_ms": now_ms() if failed_at_ms is None else failed_at_ms,
     }
+    if len(original) > max_original_bytes:
+        message["original_bytes"] = len(original)
     if source is not None:
         message["source"] = dict(source)
     return msgpack.packb(message, use_bin_type=True)
@@ -416,6 +450,7 @@ def decode_error(data: bytes) -> ErrorReply:
             original=message["original"],
             failed_at_ms=message["failed_at_ms"],
             source=message.get("source"),
+            original_bytes=message.get("original_bytes"),
         )
     except KeyError as error:
         raise ProtocolError(Reason.missing_field, f"not an error reply: {error}") from None
@@ -430,13 +465,36 @@ def _reply_map(data: bytes) -> dict[str, Any]:
 
 
 # -- helpers ----------------------------------------------------------------------
-def unpack(data: bytes) -> Any:
-    """msgpack decoding without extension types and with string map keys only; msgpack's
-    own limits (every length at most the input's) keep memory proportional to the input."""
+def unpack(data: bytes, limits: ProtocolLimits = DEFAULT_LIMITS) -> Any:
+    """msgpack decoding without extension types, with string (or binary) map keys only
+    and ``limits``' lengths."""
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True, max_ext_len=0)
-    except (ValueError, TypeError) as error:  # all of msgpack's errors, UnicodeDecodeError included
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            max_ext_len=0,
+            max_str_len=limits.max_string_bytes,
+            max_bin_len=limits.max_binary_bytes,
+            max_array_len=limits.max_array_length,
+            max_map_len=limits.max_map_length,
+        )
+    except Exception as error:  # msgpack's errors (StackError for deep nesting), UnicodeDecodeError, unhashable keys
         raise ProtocolError(Reason.malformed_msgpack, f"cannot decode msgpack: {error or type(error).__name__}") from None
+
+
+def quote(value: object) -> str:
+    """``value`` for an error message, cut to a few levels and elements."""
+    return _QUOTE.repr(value)
+
+
+def quote_keys(keys: Any) -> str:
+    """Map keys for an error message: the first few, in a stable order (keys may mix
+    strings and binary, which do not sort together)."""
+    names = sorted(map(quote, keys))
+    shown = ", ".join(names[:10])
+    return f"[{shown}, and {len(names) - 10} more]" if len(names) > 10 else f"[{shown}]"
 
 
 def now_ms() -> int:

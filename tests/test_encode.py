@@ -4,6 +4,8 @@ value rejected with its exact reason."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -333,3 +335,13 @@ def test_integer_index_equals_a_dictionary_on_colliding_keys() -> None:
     expected = [vocabulary.lookup_one(int(q)) for q in queries]
     assert index.lookup(queries).tolist() == expected
     assert index.keys.shape[0] >= 2 * len(keys)  # at most half full
+
+
+def test_the_value_cache_is_bounded_by_bytes_under_a_flood_of_long_unseen_values(encoder: AuctionEncoder) -> None:
+    mapper = encoder.item_side.mappers["advertiser"]
+    long_values = [f"{n:08d}" + "x" * 1_000 for n in range(20_000)]  # 20 MB of distinct values
+    indices = mapper.column(long_values)
+    assert set(indices.tolist()) == {1}  # all rare
+    assert mapper.cache_bytes <= 8 << 20
+    assert mapper.cache_bytes == sum(map(sys.getsizeof, mapper.cache))
+    assert len(mapper.cache) < 10_000

@@ -170,7 +170,8 @@ BAD = {
     "top_k zero": (pack(good_message(top_k=0)), Reason.invalid_value, "a-1"),
     "top_k as string": (pack(good_message(top_k="3")), Reason.wrong_type, "a-1"),
     "model as integer": (pack(good_message(model=3)), Reason.wrong_type, "a-1"),
-    "illegal reply topic": (pack(good_message(reply_to="my replies!")), Reason.invalid_value, "a-1"),
+    "illegal reply topic": (pack(good_message(reply_to="my replies!")), Reason.invalid_reply_to, "a-1"),
+    "reply topic ..": (pack(good_message(reply_to="..")), Reason.invalid_reply_to, "a-1"),
     "column of wrong length": (
         pack(good_message(items={"item_id": ["a", "b"], "features": {"price": [1]}})),
         Reason.invalid_value,

@@ -8,6 +8,7 @@ import gc
 import weakref
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -254,3 +255,94 @@ def test_freeze_heap_hides_the_heap_from_the_collector_until_the_next_load() -> 
         assert alive() is None
     finally:
         gc.unfreeze()
+
+
+def test_hostile_messages_are_bounded_dead_letters_and_the_batch_is_still_scored(tmp_path: Path) -> None:
+    """Each of these once failed the whole batch or made an unsendable dead letter."""
+    runtime = ScoringRuntime(ModelConfig(bundle=str(make_bundle(tmp_path))))
+    rng = np.random.default_rng(2)
+    item = [{"item_id": "i", "features": {}}]
+    mixed_keys = msgpack.packb(
+        {"version": 1, "auction_id": "b-mixed", "sent_at_ms": 0, "context": {"user": "u1", b"raw": 1, "x": 2}, "items": item},
+        use_bin_type=True,
+    )
+    many_keys = encode_auction("b-keys", {f"field-{n:05d}": n for n in range(40_000)}, item)
+    deep_value = encode_auction("b-deep", {"user": _nested(900)}, item)
+    too_deep = encode_auction("b-too-deep", {}, item)[:-1] + b"\x91" * 2_000 + b"\xc0"
+    bad = {
+        mixed_keys: "unknown_field",
+        many_keys: "unknown_field",
+        deep_value: "wrong_type",
+        too_deep: "malformed_msgpack",
+        encode_auction("b-huge-weight", {"tags": {"sport": 1e300}}, item): "invalid_value",
+        encode_auction("b-uint64", {"user": (1 << 64) - 1}, item, top_k=(1 << 64) - 1): None,  # legal: a rare value
+        encode_auction("b-dot", {}, item, reply_to=".."): "invalid_reply_to",
+    }
+    good = [random_auction(rng, f"g{i}") for i in range(3)]
+    messages = [good[0], *bad, good[1], good[2]]
+    report = runtime.score_messages(messages)
+    assert len(report.replies) == len(messages)
+    for message, reply in zip(messages, report.replies):
+        if bad.get(message) is None:
+            assert reply.reason is None
+            assert np.isfinite(decode_reply(reply.value).scores).all()
+        else:
+            assert reply.reason is not None and reply.reason.value == bad[message]
+            error = decode_error(reply.value)
+            assert len(reply.value) <= 70_000 and len(error.message) <= 1_000
+            assert error.original == message[:65_536]
+    assert decode_error(report.replies[2].value).original_bytes == len(many_keys) > 65_536
+
+
+def _nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_an_auction_the_model_fails_on_or_scores_nan_is_a_dead_letter_and_the_others_are_scored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime = ScoringRuntime(ModelConfig(bundle=str(make_bundle(tmp_path))))
+    model = runtime.bundle.model
+    score_items = model.score_items
+    user_index = VOCABULARY["user"].lookup_one("u5")
+    hour_index = VOCABULARY["hour"].lookup_one(13)
+
+    def failing(state, items, rows):
+        # the model breaks on any batch with user u5, and gives NaN for hour 13
+        contexts = runtime.encoder.context_side.names
+        single = last_context.single
+        users = single[:, contexts.index("user")]
+        if (users == user_index).any():
+            raise RuntimeError("model bug")
+        scores = score_items(state, items, rows)
+        hours = single[:, contexts.index("hour")][rows]
+        return torch.where(hours == hour_index, torch.tensor(float("nan")), scores)
+
+    encode_context = model.encode_context
+    last_context = None
+
+    def remember(context):
+        nonlocal last_context
+        last_context = context
+        return encode_context(context)
+
+    monkeypatch.setattr(model, "score_items", failing)
+    monkeypatch.setattr(model, "encode_context", remember)
+    runtime.context_cache = ContextCache(0)
+    item = {"item_id": ["i1", "i2"], "features": {"advertiser": ["acme", "globex"]}}
+    messages = [
+        encode_auction("ok-1", {"user": "u1", "hour": 12}, item),
+        encode_auction("fails", {"user": "u5", "hour": 12}, item),
+        encode_auction("nan", {"user": "u2", "hour": 13}, item),
+        encode_auction("ok-2", {"user": "u3", "hour": 14}, item),
+    ]
+    report = runtime.score_messages(messages)
+    reasons = [None if r.reason is None else r.reason.value for r in report.replies]
+    assert reasons == [None, "scoring_failed", "non_finite_score", None]
+    assert "model bug" in decode_error(report.replies[1].value).message
+    assert report.auctions == 2 and report.errors == {"scoring_failed": 1, "non_finite_score": 1}
+    for message, reply in zip(messages[::3], report.replies[::3]):
+        assert decode_reply(reply.value).auction_id == msgpack.unpackb(message)["auction_id"]
