@@ -102,8 +102,9 @@ def wait_until_running(dashboard_url: str, deployed_at: float, timeout_s: float 
         current = application and application.get("last_deployed_time_s", 0) >= deployed_at - 1.0
         if status == "RUNNING" and current:
             return application
-        if status == "DEPLOY_FAILED":
-            raise RuntimeError(f"the scorer failed to deploy: {application.get('message')}")
+        if status == "DEPLOY_FAILED":  # the deployment's message carries the replica's error (a first load failing)
+            messages = [d.get("message") for d in application.get("deployments", {}).values() if d.get("message")]
+            raise ValueError(f"the scorer failed to deploy: {application.get('message')} {' '.join(messages)}"[:4000])
         if time.monotonic() > deadline:
             raise TimeoutError(f"the scorer is not running after {timeout_s:.0f} s (status {status})")
         time.sleep(1.0)
