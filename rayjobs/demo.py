@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rayjobs.cluster import DEFAULT_TEMP_DIR, LocalCluster, auth_headers, cluster_down, cluster_status, cluster_up
-from rayjobs.serve import delete, deploy, serve_config, wait_until_running
+from rayjobs.serve import delete, deploy, serve_config, wait_until_reading, wait_until_running
 from serve_app.config import ModelConfig, ScorerArgs
 from streaming.admin import create_topics
 from streaming.broker import broker_status, start_broker, stop_broker
@@ -132,6 +132,7 @@ def deploy_scorer(console: Console, cluster: LocalCluster, kafka: KafkaClientCon
     deployed_at = time.time()
     deploy(cluster.dashboard_url, serve_config(args, ModelConfig(bundle=str(bundle)), http_port=http_port))
     wait_until_running(cluster.dashboard_url, deployed_at)
+    wait_until_reading(cluster.dashboard_url, f"http://127.0.0.1:{http_port}", timeout_s=180)  # the partition handover
     console.print(f"{REPLICAS} replicas consuming `auctions` → `scores`; HTTP on http://127.0.0.1:{http_port}/score")
     return http_port
 

@@ -104,11 +104,34 @@ def wait_until_running(dashboard_url: str, deployed_at: float, timeout_s: float 
         current = application and application.get("last_deployed_time_s", 0) >= deployed_at - 1.0
         if status == "RUNNING" and current:
             return application
-        if status == "DEPLOY_FAILED":
-            raise RuntimeError(f"the scorer failed to deploy: {application.get('message')}")
+        if status == "DEPLOY_FAILED":  # the deployment's message carries the replica's error (a first load failing)
+            messages = [d.get("message") for d in application.get("deployments", {}).values() if d.get("message")]
+            raise ValueError(f"the scorer failed to deploy: {application.get('message')} {' '.join(messages)}"[:4000])
         if time.monotonic() > deadline:
             raise TimeoutError(f"the scorer is not running after {timeout_s:.0f} s (status {status})")
         time.sleep(1.0)
+
+
+def wait_until_reading(dashboard_url: str, http_url: str, timeout_s: float) -> dict[str, str]:
+    """Replica id -> the partitions it reads, once every running replica reads some (a
+    new replica takes its share after the partition handover, serve_app/membership.py).
+    ``/healthz`` is answered by any replica: ask until each one has answered."""
+    deadline = time.monotonic() + timeout_s
+    reading: dict[str, str] = {}
+    while True:
+        deployment = serve_details(dashboard_url)["applications"][APP_NAME]["deployments"]["Scorer"]
+        running = {r["replica_id"] for r in deployment["replicas"] if r["state"] == "RUNNING"}
+        try:
+            health = _request(f"{http_url}/healthz", timeout_s=10)
+            reading[health["replica"]] = health["partitions"]
+        except (urllib.error.URLError, ConnectionError):  # the proxy may still be starting
+            pass
+        reading = {replica: share for replica, share in reading.items() if replica in running}
+        if reading.keys() == running and "none" not in reading.values():
+            return reading
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not every replica reads partitions after {timeout_s:.0f} s: {reading}")
+        time.sleep(0.5)
 
 
 def delete(dashboard_url: str) -> None:
@@ -214,6 +237,8 @@ def handle(args: argparse.Namespace) -> int:
         if scorer_args.kafka is not None:
             topics = scorer_args.topics
             print(f"Kafka: {scorer_args.kafka.bootstrap_servers} {topics.auctions} -> {topics.scores} (dead letters: {topics.dlq})")
+            reading = wait_until_reading(dashboard_url, f"http://{args.http_host}:{args.http_port}", args.timeout)
+            print(f"partitions read: {', '.join(sorted(reading.values()))}")
         print(f"dashboard: {dashboard_url}/#/serve (status {application['status']})")
         return 0
     if args.serve_command == "down":

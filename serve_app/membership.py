@@ -14,8 +14,8 @@ what it reads.
 Replicas read the view at different moments, so a change is handed over without any
 partition ever read by two replicas: a replica gives up what it no longer owns at once,
 and takes a partition new to it only after the new view has held for ``HANDOVER_S``,
-longer than any other replica needs to see it and let go (one refresh period plus a
-batch). Meanwhile it reads what it owns in both views (an intersection of two residue
+longer than any other replica needs to see it and let go (a refresh of the loop, the
+age of a view, a batch). Meanwhile it reads what it owns in both views (an intersection of two residue
 classes is a residue class, or empty). A replica alone in the deployment takes its
 share at once: no one can be holding it.
 """
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 
@@ -33,7 +34,9 @@ logger = logging.getLogger("ray.serve")
 
 Share = tuple[int, int]  # (r, n): partitions p with p mod n = r
 NOTHING: Share = (1, 1)  # no p has p mod 1 = 1
-HANDOVER_S = 2 * ASSIGNMENT_REFRESH_S + 1.0
+VIEW_REFRESH_S = 1.0
+VIEW_STALE_S = 3.0  # an older view counts as not settled
+HANDOVER_S = 2 * ASSIGNMENT_REFRESH_S + 1.0  # > one loop refresh + a stale view + a batch
 CONTROLLER_TIMEOUT_S = 10.0
 
 
@@ -81,8 +84,9 @@ class HandoverMembership:
 
 class ServeView:
     """The settled view of this replica's deployment, read from the Serve controller
-    (its rank mapping and its deployment details). Any failure to read it counts as
-    not settled."""
+    (its rank mapping and its deployment details) by a thread of its own every
+    ``VIEW_REFRESH_S``, so that a slow controller never holds up the Kafka loop. A view
+    that could not be read, or is older than ``VIEW_STALE_S``, counts as not settled."""
 
     def __init__(self) -> None:
         from ray import serve
@@ -91,8 +95,20 @@ class ServeView:
         self.app_name = context.app_name
         self.deployment = context.deployment
         self.replica_id = context.replica_id.unique_id
+        self._latest: tuple[Share | None, float] = (None, 0.0)  # view, when read
+        threading.Thread(target=self._refresh, name="serve-view", daemon=True).start()
 
     def __call__(self) -> Share | None:
+        view, read_at = self._latest
+        return view if time.monotonic() - read_at <= VIEW_STALE_S else None
+
+    def _refresh(self) -> None:
+        while True:
+            started = time.monotonic()
+            self._latest = (self._read(), started)
+            time.sleep(VIEW_REFRESH_S)
+
+    def _read(self) -> Share | None:
         import ray
         from ray.serve._private.common import DeploymentID, ReplicaState
         from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
