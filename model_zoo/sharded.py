@@ -30,12 +30,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from model_zoo.batch import FeatureBatch
 from model_zoo.models.base import RankingModel
+from model_zoo.optim import _distinct_rows, _summed_gradients
 
 
 class ShardedExchange:
@@ -53,38 +56,50 @@ class ShardedExchange:
         self.columns = [(sum(widths[:i]), sum(widths[: i + 1])) for i in range(len(widths))]
         self.width = sum(widths)
         self.device = next(model.parameters()).device
+        if self.tables and self.device.type != "cpu":
+            raise ValueError("sharded tables run on CPU (their row passes are compiled for it)")
         self.offsets = torch.as_tensor(model.schema.offsets, dtype=torch.int64, device=self.device)
         self.index = model.schema.index
         # Running totals: bytes this rank sent to others (it receives as much on average;
         # the all-reduce counted as a ring's) and collectives called.
         self.bytes_sent = 0
         self.collectives = 0
+        self.rows = rows
         self._step: _StepRows | None = None
+        self._slot = np.empty(0, dtype=np.int32)  # scratch: row → position
+        self._scratch = np.empty(0, dtype=np.float32)
 
     # -- before forward ----------------------------------------------------------------
     def gather(self, batch: FeatureBatch) -> float:
         """Fetch the batch's rows of every table from their owners into the local tables;
         returns this rank's share of the global batch (its loss weight)."""
-        unique = torch.unique(self.batch_rows(batch))
+        # Compiled passes (the fused Adagrad's): torch.unique, searchsorted and indexed
+        # copies cost several times the exchange itself on CPU.
+        rows = self.batch_rows(batch).cpu().numpy()
+        if self._slot.shape[0] < self.rows:
+            self._slot = np.empty(self.rows, dtype=np.int32)
+        unique, _ = _distinct_rows(np.sort(rows), rows[:0], self._slot)
         owner = unique % self.world
-        order = torch.argsort(owner, stable=True)
-        sent_ids = unique[order]
-        counts = torch.bincount(owner, minlength=self.world)
-        header = torch.stack([counts, torch.full_like(counts, len(batch))], dim=1)
+        sent_ids = unique[np.argsort(owner, kind="stable")]
+        self._slot[sent_ids] = np.arange(len(sent_ids), dtype=np.int32)  # row → its place in what is sent
+        counts = torch.from_numpy(np.bincount(owner, minlength=self.world).astype(np.int64))
+        header = torch.stack([counts, torch.full_like(counts, len(batch))], dim=1).to(self.device)
         received_header = torch.empty_like(header)
         self._all_to_all(received_header, header)
         send_counts, receive_counts = counts.tolist(), received_header[:, 0].tolist()
-        requested = torch.empty(sum(receive_counts), dtype=torch.int32, device=self.device)
-        self._all_to_all(requested, sent_ids.to(torch.int32), receive_counts, send_counts)
-        requested = requested.to(torch.int64)
+        requested = torch.empty(sum(receive_counts), dtype=torch.int32)
         if self.tables:
+            self._all_to_all(requested, torch.from_numpy(sent_ids.astype(np.int32)), receive_counts, send_counts)
             with torch.no_grad():
-                owned_rows = torch.cat([table[requested] for table in self.tables], dim=1)
-                fetched = owned_rows.new_empty(len(sent_ids), self.width)
+                owned_rows = torch.empty(len(requested), self.width)
+                for table, (lo, hi) in zip(self.tables, self.columns):
+                    _read_rows(table.detach().numpy(), requested.numpy(), owned_rows.numpy(), lo)
+                fetched = torch.empty(len(sent_ids), self.width)
                 self._all_to_all(fetched, owned_rows, send_counts, receive_counts, rows=self.width)
                 for table, (lo, hi) in zip(self.tables, self.columns):
-                    table.index_copy_(0, sent_ids, fetched[:, lo:hi])
-        self._step = _StepRows(unique, order, requested, send_counts, receive_counts)
+                    _write_rows(table.detach().numpy(), sent_ids, fetched.numpy(), lo)
+                    table.view(-1)[:1].add_(0)  # bump the version counter (derived caches key on it)
+        self._step = _StepRows(len(sent_ids), requested.to(torch.int64), send_counts, receive_counts)
         return len(batch) / float(received_header[:, 1].sum())
 
     def batch_rows(self, batch: FeatureBatch) -> Tensor:
@@ -101,17 +116,19 @@ class ShardedExchange:
             raise RuntimeError("reduce_gradients without a gather for this step")
         step, self._step = self._step, None
         if self.tables:
-            summed = torch.zeros(len(step.unique), self.width, device=self.device)
+            summed = torch.zeros(step.rows, self.width)  # in the order the rows were sent
             for table, (lo, hi) in zip(self.tables, self.columns):
                 if table.grad is None:
                     continue
                 if not table.grad.is_sparse:
                     raise ValueError("a sharded table needs sparse gradients")
-                grad = table.grad
-                positions = torch.searchsorted(step.unique, grad._indices()[0])
-                summed[:, lo:hi].index_add_(0, positions, grad._values().reshape(-1, hi - lo))
+                positions = self._slot[table.grad._indices()[0].numpy()]
+                values = table.grad._values().reshape(-1, hi - lo).contiguous().numpy()
+                if self._scratch.shape[0] < step.rows * (hi - lo):
+                    self._scratch = np.empty(step.rows * (hi - lo), dtype=np.float32)
+                summed[:, lo:hi] = torch.from_numpy(_summed_gradients(positions, step.rows, values, self._scratch))
             received = summed.new_empty(len(step.requested), self.width)
-            self._all_to_all(received, summed[step.order], step.receive_counts, step.send_counts, rows=self.width)
+            self._all_to_all(received, summed, step.receive_counts, step.send_counts, rows=self.width)
             indices = step.requested.unsqueeze(0)
             for table, (lo, hi) in zip(self.tables, self.columns):
                 table.grad = torch.sparse_coo_tensor(indices, received[:, lo:hi].contiguous(), table.shape, check_invariants=False)
@@ -153,8 +170,28 @@ class ShardedExchange:
 class _StepRows:
     """One step's row bookkeeping between ``gather`` and ``reduce_gradients``."""
 
-    unique: Tensor  # distinct rows of the local batch, ascending
-    order: Tensor  # unique[order]: grouped by owner, as sent
+    rows: int  # distinct rows of the local batch (sent grouped by owner)
     requested: Tensor  # rows the ranks (this one included) asked of this owner
     send_counts: list[int]
     receive_counts: list[int]
+
+
+@numba.njit(cache=True, nogil=True)
+def _read_rows(table, rows, out, column):  # pragma: no cover - compiled
+    """out[i, column:column + width] = table[rows[i]]."""
+    count, width = table.shape
+    for i in range(rows.shape[0]):
+        row = rows[i]
+        if row < 0 or row >= count:
+            raise IndexError("row outside the table")
+        for j in range(width):
+            out[i, column + j] = table[row, j]
+
+
+@numba.njit(cache=True, nogil=True)
+def _write_rows(table, rows, values, column):  # pragma: no cover - compiled
+    """table[rows[i]] = values[i, column:column + width]."""
+    width = table.shape[1]
+    for i in range(rows.shape[0]):
+        for j in range(width):
+            table[rows[i], j] = values[i, column + j]
