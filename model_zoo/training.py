@@ -22,6 +22,7 @@ from model_zoo.batch import FeatureBatch
 from model_zoo.metrics import primary_metric, task_metrics
 from model_zoo.models.base import RankingModel, TrainingOutputs
 from model_zoo.optim import FusedSparseAdagrad
+from model_zoo.sharded import ShardedExchange
 from model_zoo.schema import Task
 
 OptimizerName = Literal["adagrad", "rowwise_adagrad", "sparse_adam", "adam", "sgd"]
@@ -120,43 +121,58 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(
-        self, model: RankingModel, config: TrainConfig,
-        training_outputs: Callable[[FeatureBatch], TrainingOutputs] | None = None,
-    ):
-        """``training_outputs`` replaces ``model.training_outputs``: a DDP wrapper's
-        forward, so its gradient hooks run."""
+    def __init__(self, model: RankingModel, config: TrainConfig, exchange: ShardedExchange | None = None):
+        """``exchange``: data-parallel training over torch.distributed ranks, the sparse
+        tables sharded by row owner (see sharded.py); each rank steps on its own batches."""
         self.model = model
         self.config = config
-        self.training_outputs = training_outputs or model.training_outputs
+        self.exchange = exchange
         self.optimizers = build_optimizers(model, config)
         self.loss = loss_function(model.schema.task)
         self.metric, self.higher_is_better = primary_metric(model.schema.task)
-        # Wall time of each phase of ``step`` (on CPU; GPU kernels run asynchronously).
-        self.phase_seconds = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+        # Wall time of each phase of ``step`` (on CPU; GPU kernels run asynchronously);
+        # with an exchange also its two halves: fetching rows, sending gradients.
+        phases = ("forward", "backward", "optimizer") + (() if exchange is None else ("rows", "gradients"))
+        self.phase_seconds = dict.fromkeys(phases, 0.0)
 
     def batch_loss(self, batch: FeatureBatch) -> Tensor:
         """The forward half of a step: the training loss of one batch."""
-        step = self.training_outputs(batch)
+        step = self.model.training_outputs(batch)
         loss = self.loss(step.outputs, batch.label) + step.auxiliary_loss
         if self.config.l2 > 0:
             loss = loss + self.config.l2 * step.row_sq_norm / len(batch)
         return loss
 
     def step(self, batch: FeatureBatch) -> Tensor:
+        """One optimizer step; returns the batch's mean loss."""
+        phases = self.phase_seconds
         started = time.perf_counter()
+        share = 1.0
+        if self.exchange is not None:
+            share = self.exchange.gather(batch)  # this rank's part of the global batch's mean loss
+            phases["rows"] += time.perf_counter() - started
+        forward_started = time.perf_counter()
         loss = self.batch_loss(batch)
         forward_done = time.perf_counter()
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * share).backward()
         backward_done = time.perf_counter()
+        if self.exchange is not None:
+            self.exchange.reduce_gradients()
+            phases["gradients"] += time.perf_counter() - backward_done
+        optimizer_started = time.perf_counter()
         for optimizer in self.optimizers:
             optimizer.step()
-        self.phase_seconds["forward"] += forward_done - started
-        self.phase_seconds["backward"] += backward_done - forward_done
-        self.phase_seconds["optimizer"] += time.perf_counter() - backward_done
+        phases["forward"] += forward_done - forward_started
+        phases["backward"] += backward_done - forward_done
+        phases["optimizer"] += time.perf_counter() - optimizer_started
         return loss.detach()
+
+    def whole_tables(self) -> None:
+        """After sharded steps: every rank's model and optimizer state whole again."""
+        if self.exchange is not None:
+            self.exchange.consolidate(self.optimizers)
 
     def fit(
         self,

@@ -1,15 +1,15 @@
-"""``rankstream bench train``: training throughput per worker on Criteo-shaped data.
+"""``rankstream bench train``: training throughput on 1 and N workers, Criteo-shaped data.
 
 39 fields, k = 16, batch 4,096 per worker, a table of about 1M rows (≈25.6k values per
 field, Zipf-distributed like real categorical logs), labels at a 25% click rate.
+Two variants for each worker count (aggregate samples/s, ms per batch by phase on
+rank 0, bytes each worker sent per step):
 
-- 1 worker: the plain in-process loop, ``model_zoo.training.Trainer.step`` (the step
-  the Ray worker runs) on pre-built batches, one thread: forward, backward and
-  optimizer time per batch.
-- N workers (default 2): ``rankstream train`` itself (Ray Train, DDP over gloo, Ray
-  Data ingest) on the same distribution written as a prepared dataset; the last
-  epoch's samples/s per worker and rank 0's time per batch in data (Ray Data +
-  conversion), forward, backward (with DDP's all-reduce) and optimizer.
+- ``ray``: ``rankstream train`` itself (Ray Train, the sharded embedding exchange over
+  gloo, Ray Data ingest) on the distribution written as a prepared dataset; the last
+  epoch is measured (the first pays the warm-up).
+- ``ingest-free``: N processes on gloo stepping ``Trainer.step`` (the step the Ray
+  worker runs) on pre-built batches: the step and its synchronisation alone.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from pydantic import BaseModel
 from tqdm import tqdm
 
@@ -40,21 +42,25 @@ from model_zoo.training import (
     Trainer,
     uses_sparse_gradients,
 )
+from model_zoo.sharded import ShardedExchange
 from rayjobs.bench import write_results
 from rayjobs.train import TrainJobConfig, prune_in_place, run_training
 
-PHASES = ("data", "forward", "backward", "optimizer")
+PHASES = ("data", "rows", "forward", "backward", "gradients", "optimizer")
+STEP_PHASES = PHASES[1:]
 
 
 class TrainThroughput(BaseModel):
     model: str
     rank: int | None
     workers: int
+    variant: str  # "ray" or "ingest-free"
     samples_per_second_per_worker: float
     samples_per_second: float
-    ms_per_batch: dict[str, float]  # per phase (data only for Ray runs), and "step" = forward + backward + optimizer
+    ms_per_batch: dict[str, float]  # per phase (data only for Ray runs), and "step" = every phase but data
     step_samples_per_second_per_worker: float  # batch size / step time: the training step alone
     batches: int
+    bytes_sent_per_step: float  # by each worker: rows, gradients and its part of the all-reduce
 
 
 def criteo_shaped_schema(fields: int, table_rows: int) -> FeatureSchema:
@@ -91,29 +97,55 @@ def build_for_training(schema: FeatureSchema, kind: str, dim: int, rank: int | N
     return model
 
 
-def bench_one_worker(schema: FeatureSchema, kind: str, rank: int | None, args: argparse.Namespace) -> TrainThroughput:
-    rng = np.random.default_rng(args.seed)
+def _ingest_free_rank(rank: int, workers: int, directory: str, kind: str, rank_option: int | None, args: argparse.Namespace) -> None:
+    torch.set_num_threads(1)
+    if workers > 1:
+        dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=workers)
+    schema = criteo_shaped_schema(args.fields, args.table_rows)
+    rng = np.random.default_rng(args.seed + rank)
     batches = []
     for _ in range(args.batches):
         columns, labels = draw_columns(schema, args.batch_size, args.zipf, rng)
         batches.append(FeatureBatch.from_columns(schema, columns, labels))
-    model = build_for_training(schema, kind, args.dim, rank, args.optimizer, args.seed)
-    trainer = Trainer(model, TrainConfig(batch_size=args.batch_size, optimizer=args.optimizer, learning_rate=args.lr))
+    model = build_for_training(schema, kind, args.dim, rank_option, args.optimizer, args.seed)
+    exchange = ShardedExchange(model) if workers > 1 else None
+    trainer = Trainer(model, TrainConfig(batch_size=args.batch_size, optimizer=args.optimizer, learning_rate=args.lr), exchange=exchange)
     for batch in batches[: args.warmup]:
         trainer.step(batch)
     trainer.phase_seconds = dict.fromkeys(trainer.phase_seconds, 0.0)
+    sent_before = 0 if exchange is None else exchange.bytes_sent
+    if workers > 1:
+        dist.barrier()
     started = time.perf_counter()
     for batch in batches[args.warmup :]:
         trainer.step(batch)
     seconds = time.perf_counter() - started
     timed = len(batches) - args.warmup
-    per_batch = {name: 1000 * value / timed for name, value in trainer.phase_seconds.items()}
-    step_ms = sum(per_batch.values())
+    result = {
+        "seconds": seconds, "timed": timed, "phase_seconds": trainer.phase_seconds,
+        "bytes_sent_per_step": 0.0 if exchange is None else (exchange.bytes_sent - sent_before) / timed,
+    }  # fmt: skip
+    Path(directory, f"rank{rank}.json").write_text(json.dumps(result))
+    if workers > 1:
+        dist.destroy_process_group()
+
+
+def bench_ingest_free(kind: str, rank: int | None, workers: int, args: argparse.Namespace) -> TrainThroughput:
+    """N processes (gloo, one thread each) stepping ``Trainer.step`` on pre-built batches:
+    the step and its synchronisation without any ingest."""
+    with tempfile.TemporaryDirectory(prefix="rs-bench-sync-", dir="/tmp") as directory:
+        mp.start_processes(_ingest_free_rank, args=(workers, directory, kind, rank, args), nprocs=workers, start_method="spawn")
+        results = [json.loads(Path(directory, f"rank{r}.json").read_text()) for r in range(workers)]
+    timed = results[0]["timed"]
+    seconds = max(r["seconds"] for r in results)
+    per_batch = {name: 1000 * value / timed for name, value in results[0]["phase_seconds"].items()}
+    step_ms = sum(per_batch.get(name, 0.0) for name in STEP_PHASES)
     rate = timed * args.batch_size / seconds
     return TrainThroughput(
-        model=kind, rank=rank, workers=1, samples_per_second_per_worker=rate, samples_per_second=rate,
-        ms_per_batch={**per_batch, "step": step_ms}, step_samples_per_second_per_worker=args.batch_size / step_ms * 1000,
-        batches=timed,
+        model=kind, rank=rank, workers=workers, variant="ingest-free", samples_per_second_per_worker=rate,
+        samples_per_second=rate * workers, ms_per_batch={**per_batch, "step": step_ms},
+        step_samples_per_second_per_worker=args.batch_size / step_ms * 1000, batches=timed,
+        bytes_sent_per_step=results[0]["bytes_sent_per_step"],
     )  # fmt: skip
 
 
@@ -138,13 +170,14 @@ def bench_ray(data: Path, kind: str, rank: int | None, workers: int, args: argpa
     )  # fmt: skip
     path = run_training(job)
     last = json.loads((path / "metrics.json").read_text())["history"][-1]  # the first epoch pays the warm-up
-    batches = -(-last["samples"] // (workers * args.batch_size))
-    per_batch = {name: 1000 * last["phase_seconds"][name] / batches for name in PHASES}
-    step_ms = per_batch["forward"] + per_batch["backward"] + per_batch["optimizer"]
+    batches = last["steps"]
+    per_batch = {name: 1000 * last["phase_seconds"].get(name, 0.0) / batches for name in PHASES}
+    step_ms = sum(per_batch[name] for name in STEP_PHASES)
     return TrainThroughput(
-        model=kind, rank=rank, workers=workers, samples_per_second_per_worker=last["samples_per_second_per_worker"],
+        model=kind, rank=rank, workers=workers, variant="ray", samples_per_second_per_worker=last["samples_per_second_per_worker"],
         samples_per_second=last["samples_per_second"], ms_per_batch={**per_batch, "step": step_ms},
         step_samples_per_second_per_worker=args.batch_size / step_ms * 1000, batches=batches,
+        bytes_sent_per_step=last["bytes_sent_per_step"],
     )  # fmt: skip
 
 
@@ -154,14 +187,17 @@ def configurations(args: argparse.Namespace) -> list[tuple[str, int | None]]:
 
 
 def run_bench(args: argparse.Namespace) -> list[TrainThroughput]:
-    torch.set_num_threads(1)  # one core per worker, as each Ray worker gets
-    schema = criteo_shaped_schema(args.fields, args.table_rows)
-    records = [bench_one_worker(schema, kind, rank, args) for kind, rank in tqdm(configurations(args), desc="1 worker", unit="model")]
-    ray_workers = [w for w in args.workers if w > 1]
-    if not ray_workers:
-        return records
     import ray
 
+    records = [
+        bench_ingest_free(kind, rank, workers, args)
+        for workers in args.workers
+        for kind, rank in tqdm(configurations(args), desc=f"ingest-free, {workers} worker(s)", unit="model")
+        if "ingest-free" in args.variants
+    ]
+    if "ray" not in args.variants:
+        return records
+    schema = criteo_shaped_schema(args.fields, args.table_rows)
     with tempfile.TemporaryDirectory(prefix="rs-bench-train-", dir="/tmp") as scratch:
         scratch_path = Path(scratch)
         rows = {"train": args.ray_rows, "valid": args.batch_size, "test": args.batch_size}
@@ -171,8 +207,8 @@ def run_bench(args: argparse.Namespace) -> list[TrainThroughput]:
             temp_dir = f"/tmp/rs-bt-{sock.getsockname()[1]}"  # short: Ray's socket paths
         ray.init(address="local", num_cpus=args.num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=temp_dir)
         try:
-            for workers in ray_workers:
-                for kind, rank in tqdm(configurations(args), desc=f"{workers} workers", unit="model"):
+            for workers in args.workers:
+                for kind, rank in tqdm(configurations(args), desc=f"ray, {workers} worker(s)", unit="model"):
                     records.append(bench_ray(scratch_path / "data", kind, rank, workers, args, scratch_path))
         finally:
             ray.shutdown()
@@ -180,7 +216,14 @@ def run_bench(args: argparse.Namespace) -> list[TrainThroughput]:
 
 
 def label(record: TrainThroughput) -> str:
-    return record.model if record.rank is None else f"{record.model} ρ={record.rank}"
+    name = record.model if record.rank is None else f"{record.model} ρ={record.rank}"
+    return f"{name} ({record.variant})"
+
+
+def speedups(records: list[TrainThroughput]) -> dict[str, float]:
+    """Aggregate samples/s on N workers over 1 worker, per configuration and variant."""
+    one = {label(r): r.samples_per_second for r in records if r.workers == 1}
+    return {f"{label(r)} {r.workers} workers": r.samples_per_second / one[label(r)] for r in records if r.workers > 1 and label(r) in one}
 
 
 def plot(records: list[TrainThroughput], path: Path) -> None:
@@ -194,10 +237,10 @@ def plot(records: list[TrainThroughput], path: Path) -> None:
     figure, axes = plt.subplots(1, 1 + len(worker_counts), figsize=(6 + 5 * len(worker_counts), 4.5))
     width = 0.8 / len(worker_counts)
     for offset, workers in enumerate(worker_counts):
-        values = {label(r): r.samples_per_second_per_worker for r in records if r.workers == workers}
+        values = {label(r): r.samples_per_second for r in records if r.workers == workers}
         axes[0].bar(np.arange(len(names)) + offset * width, [values.get(n, 0) for n in names], width, label=f"{workers} worker(s)")
     axes[0].set_xticks(np.arange(len(names)) + width * (len(worker_counts) - 1) / 2, names, rotation=45, ha="right")
-    axes[0].set_ylabel("samples/s per worker")
+    axes[0].set_ylabel("samples/s, all workers")
     axes[0].legend()
     for axis, workers in zip(axes[1:], worker_counts):
         chosen = {label(r): r for r in records if r.workers == workers}
@@ -219,21 +262,26 @@ def handle(args: argparse.Namespace) -> int:
     for r in records:
         phases = ", ".join(f"{name} {value:.1f}" for name, value in r.ms_per_batch.items())
         print(
-            f"{label(r):16s} {r.workers} worker(s): {r.samples_per_second_per_worker:9,.0f} samples/s per worker "
-            f"(step alone {r.step_samples_per_second_per_worker:9,.0f}); ms per batch: {phases}"
+            f"{label(r):28s} {r.workers} worker(s): {r.samples_per_second:9,.0f} samples/s "
+            f"({r.samples_per_second_per_worker:9,.0f} per worker); {r.bytes_sent_per_step / 1e6:.2f} MB sent per worker and step; "
+            f"ms per batch: {phases}"
         )
+    ratios = speedups(records)
+    for name, ratio in ratios.items():
+        print(f"speed-up {name}: {ratio:.2f}x one worker")
     setup = {key: getattr(args, key) for key in ("fields", "dim", "batch_size", "table_rows", "zipf", "optimizer", "lr", "ray_rows", "cpus_per_worker")}
-    report = {"setup": setup, "records": [r.model_dump() for r in records]}
+    report = {"setup": setup, "records": [r.model_dump() for r in records], "speedups": ratios}
     write_results(args.json, json.dumps(report, indent=2) + "\n", lambda path: plot(records, path))
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("train", help="training samples/s per worker, 1 worker and Ray Train DDP")
+    parser = subparsers.add_parser("train", help="training samples/s on 1 and N workers, through Ray Train and ingest-free")
     parser.add_argument("--json", default="bench-results/train.json", help="output JSON (the plot goes beside it)")
     parser.add_argument("--models", nargs="+", default=["fm", "fwfm", "pruned_fwfm", "dplr_fwfm"])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3], help="for dplr_fwfm and pruned_fwfm")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="1 = the in-process loop; more = Ray Train")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts, each run both ways")
+    parser.add_argument("--variants", nargs="+", choices=["ray", "ingest-free"], default=["ray", "ingest-free"])
     parser.add_argument("--fields", type=int, default=39)
     parser.add_argument("--dim", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=4096, help="per worker")
@@ -241,7 +289,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--zipf", type=float, default=1.05, help="exponent of the value distribution (0: uniform)")
     parser.add_argument("--optimizer", choices=get_args(OptimizerName), default="adagrad")
     parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--batches", type=int, default=25, help="1 worker: batches stepped (warm-up included)")
+    parser.add_argument("--batches", type=int, default=25, help="ingest-free: batches stepped per worker (warm-up included)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--ray-rows", type=int, default=245_760, help="Ray runs: training rows per epoch (all workers)")
     parser.add_argument("--ray-epochs", type=int, default=2, help="Ray runs: the last epoch is measured")

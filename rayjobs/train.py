@@ -1,7 +1,9 @@
 """``rankstream train`` / ``python -m rayjobs.train``: distributed training on Ray Train.
 
-A ``TorchTrainer`` runs ``train_loop`` on N workers (DDP: gloo on CPU, NCCL on GPU).
-Each worker reads its shard of the prepared parquet through Ray Data (the train split
+A ``TorchTrainer`` runs ``train_loop`` on N workers (gloo on CPU, NCCL on GPU). The
+embedding tables are sharded by row owner (``model_zoo.sharded``: rows and their
+gradients all-to-all, dense gradients in one all-reduce); the tables are made whole
+after each epoch, so evaluation and checkpoints see whole tables. Each worker reads its shard of the prepared parquet through Ray Data (the train split
 shuffled per epoch: block order and rows within blocks) and steps ``model_zoo.training.Trainer``.
 Validation and test predictions of all workers are gathered, so the metrics (AUC
 above all) are those of the whole split. Every epoch ends with ``ray.train.report``
@@ -30,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from model_zoo.bundle import save_bundle
 from model_zoo.data.layout import SPLITS, VOCAB_DIR, columns_for, load_schema, split_dir
-from model_zoo.data.reader import batch_from_numpy, iter_tables
+from model_zoo.data.reader import batch_from_table, iter_tables
 from model_zoo.diagnostics import (
     embedding_set_information_abundance,
     field_information_abundance,
@@ -41,6 +43,7 @@ from model_zoo.models.base import RankingModel
 from model_zoo.models.pruned_fwfm import PrunedFwFM
 from model_zoo.registry import KINDS, MODELS, build_model
 from model_zoo.schema import FeatureSchema, Kind
+from model_zoo.sharded import ShardedExchange
 from model_zoo.training import OptimizerName, TrainConfig, Trainer, predict, uses_sparse_gradients
 
 # Test hook: "EPOCH:MARKER" makes the last worker exit hard once, in that epoch, and
@@ -174,7 +177,7 @@ def sum_over_workers(values: list[float]) -> list[float]:
 def evaluate_shard(model: RankingModel, shard: Any, batch_size: int, device: torch.device) -> dict[str, float]:
     """Metrics over the whole split: every worker predicts its shard, all rows are gathered."""
     schema = model.schema
-    batches = (batch_from_numpy(schema, b).to(device) for b in shard.iter_batches(batch_size=batch_size, batch_format="numpy"))
+    batches = (batch_from_table(schema, b).to(device) for b in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow"))
     labels, outputs = predict(model, batches)
     labels, outputs = gather_rows(labels.astype(np.float32)), gather_rows(outputs.astype(np.float32))
     metrics = task_metrics(schema.task, labels, outputs) if len(labels) else {}
@@ -220,7 +223,6 @@ def read_checkpoint(directory: Path, model: RankingModel, trainer: Trainer) -> t
 def train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
-    from torch.nn.parallel import DistributedDataParallel
 
     job = TrainJobConfig.model_validate(config["job"])
     schema = FeatureSchema.from_json(config["schema"])
@@ -229,9 +231,7 @@ def train_loop(config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     model = new_model(job, schema, config["sparse"], counts).to(device)
-    step_module = _StepModule(model)
-    ddp = DistributedDataParallel(step_module) if world > 1 else None
-    trainer = Trainer(model, job.train, training_outputs=ddp or step_module)
+    trainer = Trainer(model, job.train, exchange=ShardedExchange(model) if world > 1 else None)
     metric, higher_is_better = primary_metric(schema.task)
     pruned_at = prune_epoch(job)
 
@@ -253,25 +253,30 @@ def train_loop(config: dict[str, Any]) -> None:
         model.train()
         trainer.phase_seconds = dict.fromkeys(trainer.phase_seconds, 0.0)
         started = time.perf_counter()
-        loss_sum, samples, data_seconds = 0.0, 0, 0.0
-        batches = train_shard.iter_batches(batch_size=batch_size, batch_format="numpy")
+        loss_sum, samples, data_seconds, steps = 0.0, 0, 0.0, 0
+        sent_before = 0 if trainer.exchange is None else trainer.exchange.bytes_sent
+        # Arrow tables: list columns convert through their offsets, not row by row.
+        batches = train_shard.iter_batches(batch_size=batch_size, batch_format="pyarrow")
         fetched = time.perf_counter()
         for number, data in enumerate(batches):
-            batch = batch_from_numpy(schema, data).to(device)
+            batch = batch_from_table(schema, data).to(device)
             data_seconds += time.perf_counter() - fetched
             loss_sum += float(trainer.step(batch)) * len(batch)
             samples += len(batch)
+            steps += 1
             if number == 0:
                 _maybe_crash(config.get("crash"), epoch, rank, world)
             fetched = time.perf_counter()
         seconds = time.perf_counter() - started
+        trainer.whole_tables()  # for evaluation and the checkpoint
         loss_sum, total = sum_over_workers([loss_sum, float(samples)])
         valid = evaluate_shard(model, valid_shard, job.train.eval_batch_size, device)
         record = {
             "epoch": epoch, "train_loss": loss_sum / max(total, 1.0), "valid": valid, "seconds": seconds,
             "samples": int(total), "samples_per_second": total / max(seconds, 1e-9),
             "samples_per_second_per_worker": total / max(seconds, 1e-9) / world,
-            "phase_seconds": {"data": data_seconds, **trainer.phase_seconds},
+            "phase_seconds": {"data": data_seconds, **trainer.phase_seconds}, "steps": steps,
+            "bytes_sent_per_step": 0.0 if trainer.exchange is None else (trainer.exchange.bytes_sent - sent_before) / max(steps, 1),
         }
         state.history.append(record)
         eligible = pruned_at is None or epoch >= pruned_at
@@ -290,17 +295,6 @@ def train_loop(config: dict[str, Any]) -> None:
         model.load_state_dict({key: value.to(device) for key, value in best.items()})
         state.test = evaluate_shard(model, test_shard, job.train.eval_batch_size, device)
         _report(rank, {"epoch": state.best_epoch, **{f"test_{k}": v for k, v in state.test.items()}}, model, trainer, best, state)
-
-
-class _StepModule(torch.nn.Module):
-    """``model.training_outputs`` as a forward, so DDP's hooks see the training step."""
-
-    def __init__(self, model: RankingModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: Any) -> Any:
-        return self.model.training_outputs(batch)
 
 
 def _improves(value: float, best: float | None, higher_is_better: bool) -> bool:
@@ -347,7 +341,7 @@ def _epoch_line(record: dict[str, Any], epochs: int, metric: str, world: int) ->
 
 # -- the driver ------------------------------------------------------------------------
 def _eval_data_config() -> Any:
-    """Train shards of equal length (DDP needs the same number of steps everywhere);
+    """Train shards of equal length (every step is a collective of all workers);
     valid/test split without dropping rows, so their metrics cover the whole split."""
     from ray.train import DataConfig
 

@@ -1,6 +1,6 @@
-"""`rankstream train` on a real local Ray: 2 DDP workers learn planted data, the
+"""`rankstream train` on a real local Ray: 2 workers (sharded embedding exchange) learn planted data, the
 validation metric is the whole split's (equal to single-process evaluation), a killed
-worker resumes from the latest checkpoint, and the job runs under `ray job submit`."""
+worker resumes from the latest checkpoint (also on another number of workers), and the job runs under `ray job submit`."""
 
 import json
 import socket
@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from ray.train import TrainingFailedError
 
 from model_zoo.bundle import load_bundle
 from model_zoo.data.reader import iter_batches
@@ -95,6 +96,25 @@ def test_a_killed_worker_resumes_from_the_latest_checkpoint(planted, local_ray, 
     assert [record["epoch"] for record in metrics["history"]] == [0, 1]
     assert metrics["test"]["rows"] > 0
     load_bundle(path)
+
+
+def test_a_run_resumes_on_a_different_number_of_workers(planted, local_ray, tmp_path, monkeypatch):
+    """Checkpoints hold whole tables (not one worker's shard): 2 workers stop in epoch 1,
+    the same run resumes on 1 worker from epoch 0's checkpoint and learns on."""
+    data, _ = planted
+    marker = tmp_path / "crashed.txt"
+    monkeypatch.setenv(CRASH_ENV, f"1:{marker}")
+    first = job(data, tmp_path, epochs=3, patience=5).model_copy(update={"run_name": "resized", "max_failures": 0})
+    with pytest.raises(TrainingFailedError):
+        run_training(first)
+    monkeypatch.delenv(CRASH_ENV)
+    path = run_training(first.model_copy(update={"workers": 1}))
+    metrics = json.loads((path / "metrics.json").read_text())
+    assert metrics["attempt_start_epochs"] == [0, 1]
+    assert [record["epoch"] for record in metrics["history"]] == [0, 1, 2]
+    assert metrics["history"][1]["valid"]["auc"] > metrics["history"][0]["valid"]["auc"] - 0.01
+    assert metrics["valid"]["auc"] > 0.75
+    assert load_bundle(path).config["train"]["workers"] == 1
 
 
 def test_ray_job_submission_writes_a_bundle(planted, tmp_path):
