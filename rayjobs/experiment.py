@@ -10,6 +10,7 @@ import importlib
 EXPERIMENT_MODULES: list[str] = [
     "rayjobs.scaling",
     "rayjobs.table1",
+    "rayjobs.baselines",
     "rayjobs.rafm_report",
 ]
 
