@@ -198,7 +198,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--dims", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     parser.add_argument("--lr-grid", type=float, nargs="+", default=[0.02, 0.05, 0.1], help="learning rates tried per model")
-    parser.add_argument("--l2-grid", type=float, nargs="+", default=[0.1, 0.3, 1.0], help="L2 strengths tried per model")
+    parser.add_argument("--l2-grid", type=float, nargs="+", default=[0.01, 0.03, 0.3], help="L2 strengths tried per model")
     add_ray_arguments(parser)
     parser.set_defaults(func=run_table1)
     return parser

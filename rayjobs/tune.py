@@ -493,7 +493,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--dims", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--lr-min", type=float, default=1e-3)
     parser.add_argument("--lr-max", type=float, default=0.2)
-    parser.add_argument("--l2-min", type=float, default=0.03, help="L2 on looked-up embedding rows, swept log-uniformly")
+    parser.add_argument("--l2-min", type=float, default=0.01, help="L2 on looked-up embedding rows, swept log-uniformly")
     parser.add_argument("--l2-max", type=float, default=1.0)
     parser.add_argument("--samples", type=int, default=1, help="learning rates drawn per (kind, dim, rank)")
     parser.add_argument("--items", type=int, default=1000, help="items per auction when timing the scoring cost")
