@@ -11,6 +11,7 @@ EXPERIMENT_MODULES: list[str] = [
     "rayjobs.scaling",
     "rayjobs.table1",
     "rayjobs.baselines",
+    "rayjobs.analyze",
     "rayjobs.rafm_report",
 ]
 
