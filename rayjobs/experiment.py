@@ -10,6 +10,8 @@ import importlib
 EXPERIMENT_MODULES: list[str] = [
     "rayjobs.scaling",
     "rayjobs.table1",
+    "rayjobs.baselines",
+    "rayjobs.analyze",
     "rayjobs.rafm_report",
 ]
 

@@ -2,7 +2,7 @@
 dataset.
 
 For each embedding dim: FM, FwFM and DPLR ranks ρ, each with its learning rate chosen
-on validation from a grid (one Ray Tune run); then the pruned FwFM of each rank — the
+on validation from a grid (one Ray Tune run, its L2 strength too); then the pruned FwFM of each rank — the
 validation-best FwFM of that dim keeping its ρ(m+1) largest |R_ij| (the paper's
 parameter match), fine-tuned with its own learning rate grid (a second Tune run; the
 un-fine-tuned pruned model, epoch 0, competes on validation too). Every number is the
@@ -34,6 +34,7 @@ from rayjobs.tune import (
     add_ray_arguments,
     architectures,
     load_splits,
+    markdown_table,
     ray_session,
     run_trials,
 )
@@ -112,6 +113,18 @@ def markdown(name: str, rows: list[dict[str, Any]], dims: list[int], pruned: str
     return "\n".join(lines) + "\n"
 
 
+def selection_markdown(selected: dict[tuple, TrialRecord]) -> str:
+    """Each cell's chosen learning rate and L2, and how long it trained (epoch 0 of a
+    pruned model is the model as cut)."""
+    order = {"fm": 0, "fwfm": 1, "dplr_fwfm": 2, "pruned_fwfm": 3}
+    records = sorted(selected.values(), key=lambda r: (r.dim, order[r.kind], r.rank or 0))
+    return markdown_table([
+        {"model": r.kind, "k": r.dim, "rank": r.rank, "lr": r.learning_rate, "l2": r.l2, "epochs trained": r.epochs_run,
+         "best epoch": r.best_epoch, "stopped at the epoch cap": "yes" if r.hit_epoch_cap else "no"}
+        for r in records
+    ])  # fmt: skip
+
+
 def fwfm_states(selected: dict[tuple, TrialRecord], dims: list[int]) -> dict[int, dict[str, Any]]:
     """The validation-best FwFM weights of each dim: what the pruned models prune."""
     return {dim: load_file(str(Path(selected[("fwfm", dim, None)].checkpoint) / WEIGHTS_FILE)) for dim in dims}
@@ -123,7 +136,7 @@ def run_table1(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     splits: Splits = load_splits(args.data)
     settings = SweepSettings(
-        epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, l2=args.l2, patience=args.patience,
+        epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, patience=args.patience,
         seed=args.seed, cpus_per_trial=args.cpus_per_trial,
     )  # fmt: skip
     metric, higher_is_better = primary_metric(splits.schema.task)
@@ -134,14 +147,14 @@ def run_table1(args: argparse.Namespace) -> int:
         full = run_trials(
             splits, settings,
             {"arch": tune.grid_search(architectures(["fm", "fwfm", "dplr_fwfm"], args.dims, args.ranks)),
-             "learning_rate": tune.grid_search(args.lr_grid)},
+             "learning_rate": tune.grid_search(args.lr_grid), "l2": tune.grid_search(args.l2_grid)},
             storage=storage, name="table1-full",
         )  # fmt: skip
         selected = best_per_model(full, metric, higher_is_better)
         pruned = run_trials(
             splits, settings,
             {"arch": tune.grid_search(architectures(["pruned_fwfm"], args.dims, args.ranks)),
-             "learning_rate": tune.grid_search(args.lr_grid)},
+             "learning_rate": tune.grid_search(args.lr_grid), "l2": tune.grid_search(args.l2_grid)},
             storage=storage, name="table1-pruned", fwfm_states=fwfm_states(selected, args.dims),
         )  # fmt: skip
     selected.update(best_per_model(pruned, metric, higher_is_better))
@@ -151,13 +164,16 @@ def run_table1(args: argparse.Namespace) -> int:
         markdown(name, rows, args.dims)
         + "\nThe same with the pruned FwFM as cut from the FwFM, before fine-tuning:\n\n"
         + markdown(name, rows, args.dims, pruned="pruned_as_cut")
+        + "\nThe selected trial of each cell:\n\n"
+        + selection_markdown(selected)
     )
     seconds = time.perf_counter() - started
     report = {
         "dataset": name, "data": str(Path(args.data).resolve()), "task": splits.schema.task.value,
         "num_fields": splits.schema.num_fields, "selection_metric": metric,
         "rows_per_split": {"train": len(splits.train), "valid": len(splits.valid), "test": len(splits.test)},
-        "settings": {**settings.model_dump(), "dims": args.dims, "ranks": args.ranks, "lr_grid": args.lr_grid},
+        "settings": {**settings.model_dump(), "dims": args.dims, "ranks": args.ranks, "lr_grid": args.lr_grid,
+                     "l2_grid": args.l2_grid},
         "seconds": seconds, "rows": rows,
         "selected": [record.model_dump() for record in selected.values()],
         "trials": [record.model_dump() for record in full + pruned],
@@ -181,7 +197,8 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--name", help="dataset name in the table (default: stats.json's dataset, else the directory)")
     parser.add_argument("--dims", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3, 4, 5])
-    parser.add_argument("--lr-grid", type=float, nargs="+", default=[0.01, 0.03, 0.1], help="learning rates tried per model")
+    parser.add_argument("--lr-grid", type=float, nargs="+", default=[0.02, 0.05, 0.1], help="learning rates tried per model")
+    parser.add_argument("--l2-grid", type=float, nargs="+", default=[0.01, 0.03, 0.3], help="L2 strengths tried per model")
     add_ray_arguments(parser)
     parser.set_defaults(func=run_table1)
     return parser

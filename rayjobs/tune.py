@@ -1,5 +1,5 @@
-"""``rankstream tune``: a Ray Tune sweep over rank ρ × embedding size k × learning rate
-with ASHA early stopping, then per trial the measured per-item scoring cost, the Pareto
+"""``rankstream tune``: a Ray Tune sweep over rank ρ × embedding size k × learning rate ×
+L2 strength with ASHA early stopping, then per trial the measured per-item scoring cost, the Pareto
 front of accuracy vs cost (table + PNG) and the best trial exported as a bundle.
 
 Trials are plain function trainables that train in-process with ``model_zoo.training``
@@ -52,21 +52,24 @@ RANKED_KINDS = ("dplr_fwfm", "pruned_fwfm")
 WEIGHTS_FILE = "weights.safetensors"
 
 
-class SweepSettings(BaseModel):
-    """Training settings every trial of a sweep shares (the learning rate is swept)."""
+TRAIN_DEFAULTS = TrainConfig()
 
-    epochs: int = Field(default=10, ge=1)
-    batch_size: int = Field(default=1024, ge=1)
-    optimizer: str = "adagrad"
-    l2: float = Field(default=0.0, ge=0)
-    patience: int = Field(default=2, ge=1)
+
+class SweepSettings(BaseModel):
+    """Training settings every trial of a sweep shares (learning rate and L2 are swept);
+    the defaults are ``TrainConfig``'s."""
+
+    epochs: int = Field(default=TRAIN_DEFAULTS.epochs, ge=1)
+    batch_size: int = Field(default=TRAIN_DEFAULTS.batch_size, ge=1)
+    optimizer: str = TRAIN_DEFAULTS.optimizer
+    patience: int = Field(default=TRAIN_DEFAULTS.patience, ge=1)
     seed: int = 0
     cpus_per_trial: float = Field(default=1.0, gt=0)
 
-    def train_config(self, learning_rate: float) -> TrainConfig:
+    def train_config(self, learning_rate: float, l2: float) -> TrainConfig:
         return TrainConfig(
             epochs=self.epochs, batch_size=self.batch_size, optimizer=self.optimizer, learning_rate=learning_rate,
-            l2=self.l2, patience=self.patience, seed=self.seed,
+            l2=l2, patience=self.patience, seed=self.seed,
         )  # fmt: skip
 
 
@@ -78,8 +81,11 @@ class TrialRecord(BaseModel):
     dim: int
     rank: int | None
     learning_rate: float
+    l2: float
     epochs_run: int
     best_epoch: int
+    # The trial ran all its epochs and its last epoch was its best: it may still improve.
+    hit_epoch_cap: bool = False
     valid: dict[str, float]
     test: dict[str, float]
     parameters: int
@@ -160,7 +166,7 @@ def train_trial(
 
     torch.set_num_threads(max(1, int(settings.cpus_per_trial)))
     arch = config["arch"]
-    train_config = settings.train_config(config["learning_rate"])
+    train_config = settings.train_config(config["learning_rate"], config["l2"])
     torch.manual_seed(settings.seed)
     model = build_trial_model(
         splits.schema, arch["kind"], arch["dim"], arch["rank"], sparse=uses_sparse_gradients(train_config.optimizer),
@@ -271,17 +277,22 @@ def run_trials(
         if result.error is not None:
             raise RuntimeError(f"trial {result.config} failed: {result.error}")
         metrics, arch = result.metrics, result.config["arch"]
+        epochs_run, best_epoch = int(metrics["epoch"]), int(metrics["best_epoch"])
         records.append(
             TrialRecord(
                 trial_id=metrics["trial_id"], kind=arch["kind"], dim=arch["dim"], rank=arch["rank"],
-                learning_rate=result.config["learning_rate"], epochs_run=int(metrics["epoch"]),
-                best_epoch=int(metrics["best_epoch"]),
+                learning_rate=result.config["learning_rate"], l2=result.config["l2"], epochs_run=epochs_run,
+                best_epoch=best_epoch, hit_epoch_cap=epochs_run >= settings.epochs and best_epoch == epochs_run,
                 valid=_prefixed(metrics, "best_valid_"), test=_prefixed(metrics, "test_"),
                 initial_valid=_prefixed(metrics, "initial_valid_"), initial_test=_prefixed(metrics, "initial_test_"),
                 parameters=int(metrics["parameters"]),
                 checkpoint=result.checkpoint.path if result.checkpoint else None,
             )
         )  # fmt: skip
+    capped = [r for r in records if r.hit_epoch_cap]
+    for record in capped:
+        print(f"trial {record.trial_id} ({record.kind} k={record.dim} lr={record.learning_rate:.4g} l2={record.l2:.4g}) "
+              f"was still improving at the epoch cap ({settings.epochs}): raise --epochs")  # fmt: skip
     return records
 
 
@@ -294,7 +305,8 @@ def trial_lines(metric: str) -> Any:
             arch, result = trial.config["arch"], trial.last_result
             rank = "" if arch["rank"] is None else f" rank {arch['rank']}"
             print(
-                f"trial {trial.trial_id}: {arch['kind']} k={arch['dim']}{rank} lr={trial.config['learning_rate']:.4g}: "
+                f"trial {trial.trial_id}: {arch['kind']} k={arch['dim']}{rank} lr={trial.config['learning_rate']:.4g} "
+                f"l2={trial.config['l2']:.4g}: "
                 f"best valid {metric} {result.get(f'best_valid_{metric}', float('nan')):.4f} at epoch "
                 f"{result.get('best_epoch')} of {result.get('epoch')}",
                 flush=True,
@@ -352,7 +364,7 @@ def write_table(records: list[TrialRecord], task: Task, path_stem: Path) -> None
     rows = [
         {
             "trial_id": r.trial_id, "kind": r.kind, "dim": r.dim, "rank": r.rank, "learning_rate": r.learning_rate,
-            "epochs_run": r.epochs_run, "best_epoch": r.best_epoch,
+            "l2": r.l2, "epochs_run": r.epochs_run, "best_epoch": r.best_epoch, "hit_epoch_cap": r.hit_epoch_cap,
             **{f"valid_{m}": r.valid.get(m) for m in metric_names}, **{f"test_{m}": r.test.get(m) for m in metric_names},
             "parameters": r.parameters, "scoring_us_per_item": r.scoring_us_per_item, "pareto": r.pareto,
         }
@@ -408,12 +420,14 @@ def run_tune(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown kinds {unknown}; choose from {list(TUNABLE_KINDS)}")
     if not 0 < args.lr_min <= args.lr_max:
         raise ValueError("need 0 < --lr-min <= --lr-max")
+    if not 0 < args.l2_min <= args.l2_max:
+        raise ValueError("need 0 < --l2-min <= --l2-max")
     started = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     splits = load_splits(args.data)
     settings = SweepSettings(
-        epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, l2=args.l2, patience=args.patience,
+        epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, patience=args.patience,
         seed=args.seed, cpus_per_trial=args.cpus_per_trial,
     )  # fmt: skip
     from ray import tune
@@ -421,6 +435,7 @@ def run_tune(args: argparse.Namespace) -> int:
     param_space = {
         "arch": tune.grid_search(architectures(args.kinds, args.dims, args.ranks)),
         "learning_rate": tune.loguniform(args.lr_min, args.lr_max),
+        "l2": tune.loguniform(args.l2_min, args.l2_max),
     }
     with ray_session(args.address, args.num_cpus):
         records = run_trials(
@@ -442,16 +457,16 @@ def run_tune(args: argparse.Namespace) -> int:
         out / "best_bundle", load_trial_model(splits.schema, best), name=f"tune-{best.trial_id}",
         vocabulary_dir=vocabulary if vocabulary.is_dir() else None,
         metrics={"valid": best.valid, "test": best.test, "best_epoch": best.best_epoch},
-        train_config={**settings.train_config(best.learning_rate).model_dump(), "trial_id": best.trial_id},
+        train_config={**settings.train_config(best.learning_rate, best.l2).model_dump(), "trial_id": best.trial_id},
     )  # fmt: skip
     (out / "summary.json").write_text(
         json.dumps({"best": best.model_dump(), "trials": len(records), "seconds": time.perf_counter() - started}, indent=2)
         + "\n"
     )
-    print(markdown_table([{"kind": r.kind, "dim": r.dim, "rank": r.rank, "lr": r.learning_rate,
+    print(markdown_table([{"kind": r.kind, "dim": r.dim, "rank": r.rank, "lr": r.learning_rate, "l2": r.l2,
                            f"valid_{metric}": r.valid[metric], "µs/item": r.scoring_us_per_item}
                           for r in records if r.pareto]))  # fmt: skip
-    print(f"best: {best.kind} k={best.dim} rank={best.rank} lr={best.learning_rate:.4g} valid {metric} "
+    print(f"best: {best.kind} k={best.dim} rank={best.rank} lr={best.learning_rate:.4g} l2={best.l2:.4g} valid {metric} "
           f"{best.valid[metric]:.4f}; {len(records)} trials in {time.perf_counter() - started:.0f} s")  # fmt: skip
     print(f"wrote {out}/trials.{{parquet,md}}, pareto.{{parquet,md,png}}, best_bundle/, summary.json")
     return 0
@@ -462,11 +477,11 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a private local Ray)")
     parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
     parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="trials run at once = cluster CPUs / this")
-    parser.add_argument("--epochs", type=int, default=10, help="most epochs per trial")
-    parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--optimizer", choices=["adagrad", "sparse_adam", "adam", "sgd"], default="adagrad")
-    parser.add_argument("--l2", type=float, default=0.0, help="L2 on looked-up embedding rows")
-    parser.add_argument("--patience", type=int, default=2, help="epochs without validation improvement before stopping")
+    parser.add_argument("--epochs", type=int, default=TRAIN_DEFAULTS.epochs, help="most epochs per trial")
+    parser.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS.batch_size)
+    parser.add_argument("--optimizer", choices=["adagrad", "sparse_adam", "adam", "sgd"], default=TRAIN_DEFAULTS.optimizer)
+    parser.add_argument("--patience", type=int, default=TRAIN_DEFAULTS.patience,
+                        help="epochs without validation improvement before stopping")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -478,6 +493,8 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--dims", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--lr-min", type=float, default=1e-3)
     parser.add_argument("--lr-max", type=float, default=0.2)
+    parser.add_argument("--l2-min", type=float, default=0.01, help="L2 on looked-up embedding rows, swept log-uniformly")
+    parser.add_argument("--l2-max", type=float, default=1.0)
     parser.add_argument("--samples", type=int, default=1, help="learning rates drawn per (kind, dim, rank)")
     parser.add_argument("--items", type=int, default=1000, help="items per auction when timing the scoring cost")
     add_ray_arguments(parser)
@@ -486,7 +503,7 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    build_parser(subparsers.add_parser("tune", help="Ray Tune sweep: rank × dim × lr, ASHA, Pareto front, best bundle"))
+    build_parser(subparsers.add_parser("tune", help="Ray Tune sweep: rank × dim × lr × L2, ASHA, Pareto front, best bundle"))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def table1(tmp_path_factory):
     try:
         code = main([
             "experiment", "table1", "--data", str(data), "--out", str(root / "out"), "--dims", "4",
-            "--ranks", "1", "2", "--lr-grid", "0.05", "0.2", "--epochs", "2", "--name", "Planted",
+            "--ranks", "1", "2", "--lr-grid", "0.05", "0.2", "--l2-grid", "0.3", "--epochs", "2", "--name", "Planted",
         ])  # fmt: skip
     finally:
         ray.shutdown()
@@ -71,7 +71,14 @@ def test_every_row_and_column_and_the_percentage_formula(table1):
                         "| DPLR vs Pruned (%) k=4 |")  # fmt: skip
     # then a blank line, a caption, a blank line and the same table with the pruned models as cut
     assert lines[2 + len(rows)] == "" and lines[2 + len(rows) + 3] == lines[0]
-    assert len(lines) == 2 * (2 + len(rows)) + 3
+    # then the selected trial of each of the 6 cells (fm, fwfm, dplr ×2, pruned ×2) with its epochs
+    selection = lines[2 * (2 + len(rows)) + 3 :]
+    assert selection[:3] == ["", "The selected trial of each cell:", ""]
+    assert selection[3].startswith("| model | k | rank | lr | l2 | epochs trained | best epoch |")
+    assert len(selection) == 5 + 6
+    for record in report["selected"]:
+        assert record["l2"] == 0.3 and 1 <= record["epochs_run"] <= 2
+        assert record["hit_epoch_cap"] == (record["epochs_run"] == 2 and record["best_epoch"] == 2)
     assert lines[2].startswith("| Planted (AUC) | 1 | 32.1% |") and lines[4].startswith("| Planted (LogLoss) | 1 |")
     assert len(report["trials"]) == (2 + 2 + 2) * 2  # fm, fwfm, dplr ×2 ranks, pruned ×2 ranks; × 2 learning rates
 
@@ -116,7 +123,7 @@ def test_pruned_models_cut_the_selected_fwfm_and_score_as_reported(table1):
 def test_regression_rows_report_mse_and_rmse_with_lower_is_better():
     def record(kind, rank, mse):
         return TrialRecord(
-            trial_id=f"{kind}{rank}", kind=kind, dim=8, rank=rank, learning_rate=0.1, epochs_run=1, best_epoch=1,
+            trial_id=f"{kind}{rank}", kind=kind, dim=8, rank=rank, learning_rate=0.1, l2=0.3, epochs_run=1, best_epoch=1,
             valid={"mse": mse}, test={"mse": mse, "rmse": mse**0.5}, parameters=1, checkpoint=None,
         )  # fmt: skip
 

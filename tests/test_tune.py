@@ -74,14 +74,14 @@ def test_tune_writes_table_front_plot_and_a_bundle_that_reproduces_its_metric(lo
     out = tmp_path / "sweep"
     code = main([
         "tune", "--data", str(planted_data), "--out", str(out), "--ranks", "1", "2", "--dims", "4", "8",
-        "--lr-min", "0.02", "--lr-max", "0.2", "--epochs", "2", "--items", "200",
+        "--lr-min", "0.02", "--lr-max", "0.2", "--l2-min", "0.05", "--l2-max", "0.5", "--epochs", "2", "--items", "200",
     ])  # fmt: skip
     assert code == 0
     trials = pq.read_table(out / "trials.parquet").to_pylist()
     assert len(trials) == 4  # rank × dim, one learning rate each
     assert {(t["dim"], t["rank"]) for t in trials} == set(itertools.product([4, 8], [1, 2]))
     for trial in trials:
-        assert trial["kind"] == "dplr_fwfm" and 0.02 <= trial["learning_rate"] <= 0.2
+        assert trial["kind"] == "dplr_fwfm" and 0.02 <= trial["learning_rate"] <= 0.2 and 0.05 <= trial["l2"] <= 0.5
         assert 1 <= trial["best_epoch"] <= trial["epochs_run"] <= 2
         assert trial["scoring_us_per_item"] > 0 and trial["parameters"] > 0
         assert 0.5 < trial["valid_auc"] <= 1.0 and 0 < trial["test_logloss"]

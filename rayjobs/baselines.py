@@ -1,0 +1,264 @@
+"""``rankstream experiment baselines``: well-known peers trained on the very same prepared
+split as rankstream's own models and scored on the same test split, in one table.
+
+- a linear model on one-hot features (scikit-learn, always): logistic regression for
+  clicks, ridge regression for ratings; its regularisation chosen on validation;
+- myfm's Bayesian FM (Gibbs sampling; regression or probit classification) on the same
+  one-hot features, every field included (``pip install 'rankstream[baselines]'``);
+- for rating data, scikit-surprise's BaselineOnly, SVD and SVD++ on (user, item) alone;
+- rankstream's FM, FwFM and DPLR-FwFM trained with the default recipe
+  (``TrainConfig``'s defaults), the way ``rankstream train`` trains them.
+
+Every model sees the training split only; choices (regularisation, epochs) use the
+validation split; the table reports the test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from model_zoo.batch import FeatureBatch
+from model_zoo.metrics import constant_baseline, primary_metric, task_metrics
+from model_zoo.registry import build_model
+from model_zoo.schema import FeatureSchema, Role, Task
+from model_zoo.training import TrainConfig, evaluate, fit_in_memory, minibatches, uses_sparse_gradients
+from rayjobs.tune import RANKED_KINDS, Splits, load_splits, parameter_count
+
+EXTRAS_HINT = "pip install 'rankstream[baselines]'  (myfm, scikit-surprise)"
+LINEAR_STRENGTHS = (0.1, 1.0, 10.0, 100.0)  # sklearn's C (logistic) or alpha (ridge), chosen on validation
+
+
+def one_hot(schema: FeatureSchema, batch: FeatureBatch) -> sp.csr_matrix:
+    """Rows of ``batch`` as one column per (field, value) of the schema's shared
+    vocabulary (a multi-valued field: its values' normalised weights)."""
+    rows, columns, values = [], [], []
+    count = len(batch)
+    offsets = schema.offsets
+    for position, name in enumerate(batch.single_fields):
+        rows.append(np.arange(count))
+        columns.append(batch.single[:, position].numpy() + offsets[schema.index[name]])
+        values.append(np.ones(count))
+    for name, bag in zip(batch.bag_fields, batch.bags):
+        weights = bag.weights.numpy().astype(np.float64)
+        weights = weights / np.maximum(weights.sum(axis=1, keepdims=True), 1e-12)
+        present = weights > 0
+        rows.append(np.nonzero(present)[0])
+        columns.append(bag.values.numpy()[present] + offsets[schema.index[name]])
+        values.append(weights[present])
+    return sp.csr_matrix(
+        (np.concatenate(values), (np.concatenate(rows), np.concatenate(columns))), shape=(count, schema.total_vocab)
+    )
+
+
+def labels_of(batch: FeatureBatch) -> np.ndarray:
+    return batch.label.numpy().astype(np.float64)
+
+
+class PeerResult(dict):
+    """One table row: model, library, settings, valid and test metrics, seconds."""
+
+
+def row(model: str, library: str, settings: dict[str, Any], valid: dict, test: dict, seconds: float) -> PeerResult:
+    return PeerResult(model=model, library=library, settings=settings, valid=valid, test=test, seconds=seconds)
+
+
+def linear_model(splits: Splits, features: dict[str, sp.csr_matrix]) -> PeerResult:
+    """Logistic (clicks) or ridge (ratings) regression on the one-hot features."""
+    from sklearn.linear_model import LogisticRegression, Ridge
+
+    task = splits.schema.task
+    metric, higher_is_better = primary_metric(task)
+    started = time.perf_counter()
+    best = None
+    for strength in LINEAR_STRENGTHS:
+        if task == Task.binary:
+            model = LogisticRegression(C=strength, max_iter=2000).fit(features["train"], labels_of(splits.train))
+            predict = model.decision_function
+        else:
+            model = Ridge(alpha=strength).fit(features["train"], labels_of(splits.train))
+            predict = model.predict
+        valid = task_metrics(task, labels_of(splits.valid), predict(features["valid"]))
+        if best is None or (valid[metric] > best[1][metric] if higher_is_better else valid[metric] < best[1][metric]):
+            best = (strength, valid, task_metrics(task, labels_of(splits.test), predict(features["test"])))
+    strength, valid, test = best
+    name, knob = ("logistic regression", "C") if task == Task.binary else ("ridge regression", "alpha")
+    return row(f"{name}, one-hot", "scikit-learn", {knob: strength}, valid, test, time.perf_counter() - started)
+
+
+def myfm_model(splits: Splits, features: dict[str, sp.csr_matrix], rank: int, iterations: int, seed: int) -> PeerResult:
+    """myfm's Bayesian FM (Gibbs sampling, posterior-mean prediction) on every field."""
+    import myfm
+
+    task = splits.schema.task
+    started = time.perf_counter()
+    if task == Task.binary:
+        model = myfm.MyFMClassifier(rank=rank, random_seed=seed)
+        model.fit(features["train"], labels_of(splits.train).astype(int), n_iter=iterations, callback=_quiet)
+        # Probabilities to logits: the metrics take scores on the logit scale.
+        predict = lambda x: _logit(model.predict_proba(x))  # noqa: E731
+    else:
+        model = myfm.MyFMRegressor(rank=rank, random_seed=seed)
+        model.fit(features["train"], labels_of(splits.train), n_iter=iterations, callback=_quiet)
+        predict = model.predict
+    valid = task_metrics(task, labels_of(splits.valid), predict(features["valid"]))
+    test = task_metrics(task, labels_of(splits.test), predict(features["test"]))
+    kind = "classification (probit)" if task == Task.binary else "regression"
+    return row(
+        f"Bayesian FM {kind}, one-hot", "myfm", {"rank": rank, "mcmc_iterations": iterations}, valid, test,
+        time.perf_counter() - started,
+    )  # fmt: skip
+
+
+def _quiet(*_: Any) -> tuple[bool, None]:
+    """A callback in place of myfm's progress bar: never stop early."""
+    return False, None
+
+
+def _logit(probabilities: np.ndarray) -> np.ndarray:
+    p = np.clip(probabilities, 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
+def surprise_models(splits: Splits, user_field: str, item_field: str, seed: int) -> list[PeerResult]:
+    """BaselineOnly, SVD and SVD++ on (user, item, rating) alone, library defaults."""
+    import pandas as pd
+    from surprise import SVD, BaselineOnly, Dataset, Reader, SVDpp
+
+    columns = [splits.schema.fields[splits.schema.index[n]] for n in (user_field, item_field)]
+    positions = [splits.train.single_fields.index(c.name) for c in columns]
+
+    def triples(batch: FeatureBatch) -> list[tuple[int, int, float]]:
+        ids = batch.single[:, positions].numpy()
+        return list(zip(ids[:, 0].tolist(), ids[:, 1].tolist(), labels_of(batch).tolist()))
+
+    train_labels = labels_of(splits.train)
+    reader = Reader(rating_scale=(float(train_labels.min()), float(train_labels.max())))
+    frame = pd.DataFrame(triples(splits.train), columns=["user", "item", "rating"])
+    trainset = Dataset.load_from_df(frame, reader).build_full_trainset()
+    results = []
+    for name, make in (("BaselineOnly", BaselineOnly), ("SVD", SVD), ("SVD++", SVDpp)):
+        started = time.perf_counter()
+        options = {} if make is BaselineOnly else {"random_state": seed}
+        algorithm = make(**options)
+        algorithm.fit(trainset)
+        scores = {}
+        for split, batch in (("valid", splits.valid), ("test", splits.test)):
+            predictions = algorithm.test(triples(batch))
+            scores[split] = task_metrics(Task.regression, labels_of(batch), np.array([p.est for p in predictions]))
+        results.append(
+            row(f"{name} ({user_field}, {item_field})", "scikit-surprise", {}, scores["valid"], scores["test"],
+                time.perf_counter() - started)
+        )  # fmt: skip
+    return results
+
+
+def rankstream_model(splits: Splits, kind: str, dim: int, rank: int | None, config: TrainConfig) -> PeerResult:
+    """One of rankstream's models with the default recipe, as ``rankstream train`` runs it."""
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    options = {"rank": rank} if kind in RANKED_KINDS else {}
+    model = build_model(splits.schema, kind, dim, sparse=uses_sparse_gradients(config.optimizer), **options)
+    result = fit_in_memory(model, config, splits.train, splits.valid)
+    test = evaluate(model, minibatches(splits.test, config.eval_batch_size))
+    settings = {"dim": dim, **options, "epochs_run": len(result.history), "best_epoch": result.best_epoch + 1,
+                "parameters": parameter_count(model)}  # fmt: skip
+    name = {"fm": "FM", "fwfm": "FwFM", "dplr_fwfm": f"DPLR-FwFM rank {rank}"}[kind]
+    return row(name, "rankstream", settings, result.best_valid, test, time.perf_counter() - started)
+
+
+def default_user_item(schema: FeatureSchema) -> tuple[str, str] | None:
+    """The first context and the first item field: (user, movie) for MovieLens."""
+    context, items = schema.names_with_role(Role.context), schema.names_with_role(Role.item)
+    return (context[0], items[0]) if context and items else None
+
+
+def markdown(rows: list[PeerResult], task: Task) -> str:
+    metrics = ("auc", "logloss") if task == Task.binary else ("rmse", "mse")
+    header = ["model", "library", *(f"test {m}" for m in metrics), *(f"valid {m}" for m in metrics), "settings", "seconds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items())
+        numbers = [f"{r['test'][m]:.4f}" for m in metrics] + [f"{r['valid'][m]:.4f}" for m in metrics]
+        lines.append("| " + " | ".join([r["model"], r["library"], *numbers, settings, f"{r['seconds']:.0f}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def missing_extras() -> list[str]:
+    return [name for name, module in (("myfm", "myfm"), ("scikit-surprise", "surprise")) if find_spec(module) is None]
+
+
+def run_baselines(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = load_splits(args.data)
+    schema, task = splits.schema, splits.schema.task
+    missing = missing_extras()
+    if missing:
+        print(f"skipping {', '.join(missing)}: not installed; for the full table run {EXTRAS_HINT}")
+    features = {name: one_hot(schema, getattr(splits, name)) for name in ("train", "valid", "test")}
+    steps: list[Callable[[], list[PeerResult]]] = [lambda: [linear_model(splits, features)]]
+    if "myfm" not in missing:
+        steps.append(lambda: [myfm_model(splits, features, args.myfm_rank, args.myfm_iterations, args.seed)])
+    default = default_user_item(schema) or (None, None)
+    user_item = (args.user_field or default[0], args.item_field or default[1])
+    if task == Task.regression and None not in user_item and "scikit-surprise" not in missing:
+        steps.append(lambda: surprise_models(splits, *user_item, seed=args.seed))
+    config = TrainConfig(seed=args.seed)
+    for kind in args.kinds:
+        for rank in args.ranks if kind in RANKED_KINDS else [None]:
+            steps.append(lambda kind=kind, rank=rank: [rankstream_model(splits, kind, args.dim, rank, config)])
+    train_labels = labels_of(splits.train)
+    constant = {s: constant_baseline(task, train_labels, labels_of(getattr(splits, s))) for s in ("valid", "test")}
+    rows = [row("constant (train mean)", "-", {}, constant["valid"], constant["test"], 0.0)]
+    for step in steps:
+        for result in step():
+            rows.append(result)
+            print(f"{result['model']} ({result['library']}): test {result['test']}", flush=True)
+    table = markdown(rows, task)
+    report = {
+        "data": str(Path(args.data).resolve()), "task": task.value, "num_fields": schema.num_fields,
+        "rows_per_split": {"train": len(splits.train), "valid": len(splits.valid), "test": len(splits.test)},
+        "rankstream_recipe": config.model_dump(), "missing_extras": missing, "rows": rows,
+        "seconds": time.perf_counter() - started,
+    }  # fmt: skip
+    (out / "baselines.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "baselines.md").write_text(table)
+    print(table)
+    print(f"wrote {out}/baselines.md and {out}/baselines.json")
+    return 0
+
+
+def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--data", required=True, help="a prepared dataset (rankstream prepare / synth)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--dim", type=int, default=8, help="embedding size of rankstream's models")
+    parser.add_argument("--kinds", nargs="+", default=["fm", "fwfm", "dplr_fwfm"], help="rankstream models to train")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3], help="DPLR ranks")
+    parser.add_argument("--myfm-rank", type=int, default=8)
+    parser.add_argument("--myfm-iterations", type=int, default=200, help="MCMC iterations")
+    parser.add_argument("--user-field", help="surprise's user column (default: the first context field)")
+    parser.add_argument("--item-field", help="surprise's item column (default: the first item field)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=run_baselines)
+    return parser
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    build_parser(subparsers.add_parser("baselines", help="peer libraries beside rankstream's models on the same split"))
+
+
+if __name__ == "__main__":
+    from rayjobs.cli import run_module
+
+    run_module(["experiment", "baselines"])
