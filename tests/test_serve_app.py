@@ -43,7 +43,7 @@ from streaming.admin import create_topics
 from streaming.broker import free_port, start_broker
 from streaming.encode import AuctionEncoder
 from streaming.kafka_config import KafkaClientConfig, TopicNames
-from streaming.protocol import decode_auction, decode_error, decode_reply, encode_auction
+from streaming.protocol import DEFAULT_LIMITS, decode_auction, decode_error, decode_reply, encode_auction
 
 pytestmark = pytest.mark.slow
 
@@ -373,8 +373,12 @@ def test_every_bad_message_gets_its_reason_and_every_good_one_is_scored(stack: S
         if n % 6 == 0 and n // 6 < len(bad):
             messages.append((None, list(bad)[n // 6]))
     result = exchange(stack, messages)
+    kept = DEFAULT_LIMITS.max_dead_letter_original_bytes  # a dead letter keeps the original's start
     assert {original: [e.reason for e in errors] for original, errors in result.errors.items()} == {
-        original: [reason] for original, reason in bad.items()
+        original[:kept]: [reason] for original, reason in bad.items()
+    }
+    assert {e[0].original_bytes for o, e in result.errors.items() if len(o) == kept} == {
+        len(o) for o in bad if len(o) > kept
     }
     ids = {"bad-type", "bad-nan", "bad-noctx", "bad-field", "bad-many", "bad-model", "bad-catalog", "bad-weight"}
     assert {e[0].auction_id for e in result.errors.values()} - {None} == ids
@@ -412,7 +416,7 @@ def test_http_scores_json_and_msgpack_and_answers_errors_exactly(stack: Stack) -
     assert http(stack, "/score", b"{not json") == (
         400,
         json.dumps({"auction_id": None, "reason": "malformed_json",
-                    "message": "cannot parse the JSON body: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"},
+                    "message": "cannot parse the JSON body: JSONDecodeError: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"},
                    separators=(",", ":")).encode(),
     )
     status, body = http(stack, "/score", json.dumps({"version": 1, "auction_id": "h", "sent_at_ms": 1, "context": {"city": 1},
