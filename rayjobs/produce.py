@@ -118,7 +118,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     source.add_argument("--seed", type=int, default=0)
     source.add_argument("--model", default=None, help="bundle name to ask for (default: the scorer's)")
     source.add_argument("--top-k", type=int, default=None, help="ask for the top-K item ids")
-    source.add_argument("--reply-to", default=None, help="reply topic (default: the scores topic)")
+    source.add_argument("--reply-to", default=None, help="reply topic (default: the scores topic; the scorer must allow it: serve up --reply-to-pattern)")
     run = parser.add_argument_group("run")
     run.add_argument("--rate", type=float, default=0.0, help="auctions per second (0: as fast as possible)")
     run.add_argument("--reply-timeout", type=float, default=10.0, help="seconds without a reply before giving up")

@@ -171,6 +171,10 @@ def add_kafka_arguments(parser: argparse.ArgumentParser, topics: bool = True) ->
         group.add_argument("--auctions-topic", default=defaults.auctions)
         group.add_argument("--scores-topic", default=defaults.scores)
         group.add_argument("--dlq-topic", default=defaults.dlq)
+        group.add_argument(
+            "--reply-to-pattern", default=defaults.reply_to_pattern,
+            help="regular expression of the topics an auction's reply_to may name besides the scores topic (scorer)",
+        )
 
 
 def kafka_config_from_args(args: argparse.Namespace) -> KafkaClientConfig:
@@ -200,4 +204,6 @@ def kafka_config_from_args(args: argparse.Namespace) -> KafkaClientConfig:
 
 
 def topic_names_from_args(args: argparse.Namespace) -> TopicNames:
-    return TopicNames(auctions=args.auctions_topic, scores=args.scores_topic, dlq=args.dlq_topic)
+    return TopicNames(
+        auctions=args.auctions_topic, scores=args.scores_topic, dlq=args.dlq_topic, reply_to_pattern=args.reply_to_pattern
+    )
