@@ -37,6 +37,7 @@ from model_zoo.bundle import save_bundle
 from model_zoo.registry import build_model
 from rayjobs.bench import write_results
 from rayjobs.bench_scoring import grid_schema
+from rayjobs.cluster import init_private_ray
 from model_zoo.runtime import freeze_heap
 from serve_app.config import ModelConfig, ScorerArgs, ServiceConfig
 from serve_app.runtime import BatchReport, Reply
@@ -278,7 +279,7 @@ def run(args: argparse.Namespace) -> StreamBenchmark:
     bundle = save_bundle(work / "bundle", build_model(schema, "dplr_fwfm", args.dim, rank=args.rank))
     templates = synthetic_templates(schema, args.distinct, args.items, item_format=args.item_format, seed=args.seed)
     print(f"{args.replicas} scorer replica(s) on a local Ray; each rate on a fresh broker and deployment")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    init_private_ray(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
         print("rate steps:")
         steps, sustained = [], 0.0

@@ -44,6 +44,7 @@ from model_zoo.training import (
 )
 from model_zoo.sharded import ShardedExchange
 from rayjobs.bench import write_results
+from rayjobs.cluster import init_private_ray
 from rayjobs.train import TrainJobConfig, prune_in_place, run_training
 
 PHASES = ("data", "rows", "forward", "backward", "gradients", "optimizer")
@@ -205,7 +206,7 @@ def run_bench(args: argparse.Namespace) -> list[TrainThroughput]:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             temp_dir = f"/tmp/rs-bt-{sock.getsockname()[1]}"  # short: Ray's socket paths
-        ray.init(address="local", num_cpus=args.num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=temp_dir)
+        init_private_ray(num_cpus=args.num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=temp_dir)
         try:
             for workers in args.workers:
                 for kind, rank in tqdm(configurations(args), desc=f"ray, {workers} worker(s)", unit="model"):

@@ -47,6 +47,7 @@ class LocalCluster:
 
 
 CLUSTER_ENV = "RANKSTREAM_RAY_CLUSTER"  # marks every process of one local cluster
+LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a single-machine node on 127.0.0.1
 
 
 def token_file() -> Path:
@@ -80,8 +81,21 @@ def ray_environment() -> dict[str, str]:
     environment["RAY_AUTH_MODE"] = "token"
     environment["RAY_AUTH_TOKEN_PATH"] = str(token_file())
     environment.pop("RAY_AUTH_TOKEN", None)  # e.g. a remote cluster's token (docs/deploy.md)
-    environment["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    environment[LOOPBACK_SWITCH] = "0"
     return environment
+
+
+def init_private_ray(**options) -> None:
+    """``ray.init`` of a private Ray for this process (a job run as a plain script, a
+    benchmark, a test) with every port on the loopback address, like ``cluster up``'s head.
+    Only for a private Ray: a driver joining a multi-machine cluster needs its real address."""
+    import ray
+    from ray._private import ray_constants
+
+    # Ray reads the switch once, at import; the processes it starts read the environment.
+    os.environ[LOOPBACK_SWITCH] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(address="local", **options)
 
 
 def state_file(temp_dir: str) -> Path:

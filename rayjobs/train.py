@@ -45,6 +45,7 @@ from model_zoo.registry import KINDS, MODELS, build_model
 from model_zoo.schema import FeatureSchema, Kind
 from model_zoo.sharded import ShardedExchange
 from model_zoo.training import OptimizerName, TrainConfig, Trainer, predict, uses_sparse_gradients
+from rayjobs.cluster import init_private_ray
 
 # Test hook: "EPOCH:MARKER" makes the last worker exit hard once, in that epoch, and
 # record it in the MARKER file (so the restarted attempt trains on).
@@ -375,7 +376,7 @@ def connect_ray(job: TrainJobConfig) -> None:
     if job.address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=job.address)
     else:
-        ray.init(address="local", num_cpus=job.num_cpus, include_dashboard=False, _temp_dir=job.ray_temp_dir)
+        init_private_ray(num_cpus=job.num_cpus, include_dashboard=False, _temp_dir=job.ray_temp_dir)
 
 
 def run_training(job: TrainJobConfig) -> Path:

@@ -46,6 +46,7 @@ from model_zoo.registry import build_model
 from model_zoo.schema import FeatureSchema, Task
 from model_zoo.training import EpochReport, TrainConfig, evaluate, fit_in_memory, minibatches, uses_sparse_gradients
 from rayjobs.bench_scoring import time_auction
+from rayjobs.cluster import init_private_ray
 
 TUNABLE_KINDS = ("fm", "fwfm", "dplr_fwfm")  # pruned_fwfm needs a trained FwFM: see `experiment table1`
 RANKED_KINDS = ("dplr_fwfm", "pruned_fwfm")
@@ -230,7 +231,7 @@ def ray_session(address: str | None, num_cpus: int | None) -> Iterator[None]:
     if address:
         ray.init(address=address)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+        init_private_ray(num_cpus=num_cpus, include_dashboard=False)
     try:
         yield
     finally:

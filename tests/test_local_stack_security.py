@@ -1,24 +1,27 @@
 """The README's local stack (`cluster up`, `broker up`, `serve up`) lets no one in: every
 socket it listens on is on the loopback address, the Ray head demands its token, and
-`cluster down` leaves no process of the cluster behind (Ray's client server included)."""
+`cluster down` leaves no process of the cluster behind (Ray's client server included).
+A private Ray (a job run as a plain script, a benchmark) listens on loopback only too."""
 
 from __future__ import annotations
 
 import ipaddress
 import stat
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import grpc
 import psutil
+import ray
 import pytest
 
 from model_zoo.bundle import save_bundle
 from model_zoo.registry import build_model
 from model_zoo.schema import FeatureSchema, FieldSpec, Role
 from rayjobs import cli
-from rayjobs.cluster import auth_headers, cluster_processes, cluster_status, token_file
+from rayjobs.cluster import auth_headers, cluster_processes, cluster_status, init_private_ray, token_file
 from streaming.broker import broker_status, free_port
 
 pytestmark = pytest.mark.slow
@@ -110,3 +113,20 @@ def test_the_local_stack_listens_on_loopback_only_and_demands_the_token(tmp_path
         cli.main(["broker", "down"])
         cli.main(["cluster", "down", *stack_args])
     assert cluster_processes(temp_dir) == []  # nothing orphaned, Ray's client server included
+
+
+def test_a_private_ray_listens_on_loopback_only() -> None:
+    init_private_ray(num_cpus=1, include_dashboard=False, _temp_dir=f"/tmp/rs-priv-{free_port()}")
+    try:
+        driver = psutil.Process()
+        deadline = time.monotonic() + 60
+        while True:  # the raylet starts its agents after ray.init returns
+            sockets = listening([driver, *driver.children(recursive=True)])
+            names = {name for name, _, _ in sockets}
+            if {"gcs_server", "raylet"} <= names and any("RuntimeEnvAgent" in n for n in names) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    finally:
+        ray.shutdown()
+    assert any("RuntimeEnvAgent" in name for name in names), names  # the one on the external address before
+    assert all(is_loopback(address) for _, address, _ in sockets), sockets

@@ -20,6 +20,7 @@ from model_zoo.schema import Task
 from model_zoo.synthetic import PlantedConfig
 from model_zoo.training import evaluate, minibatches
 from rayjobs.cli import main
+from rayjobs.cluster import init_private_ray
 from rayjobs.table1 import markdown, table_rows
 from rayjobs.tune import WEIGHTS_FILE, TrialRecord
 
@@ -37,7 +38,7 @@ def table1(tmp_path_factory):
     data = root / "planted"
     planted = PlantedConfig(context_fields=4, item_fields=4, multi_fields=1, vocab_size=30, structure="sparse", seed=2)
     write_synthetic(data, SynthConfig(planted=planted, rows=6000, progress=False))
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=f"/tmp/rs-t1-{free_port()}")
+    init_private_ray(num_cpus=2, include_dashboard=False, _temp_dir=f"/tmp/rs-t1-{free_port()}")
     try:
         code = main([
             "experiment", "table1", "--data", str(data), "--out", str(root / "out"), "--dims", "4",

@@ -17,7 +17,7 @@ from model_zoo.data.synth import SynthConfig, write_synthetic
 from model_zoo.synthetic import PlantedConfig
 from model_zoo.training import TrainConfig, evaluate
 from rayjobs.cli import main
-from rayjobs.cluster import cluster_down, cluster_up, ray_environment
+from rayjobs.cluster import cluster_down, cluster_up, init_private_ray, ray_environment
 from rayjobs.train import CRASH_ENV, TrainJobConfig, run_training
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def planted(tmp_path_factory) -> tuple[Path, dict]:
 def local_ray():
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=f"/tmp/rs-train-{free_port()}")
+    init_private_ray(num_cpus=2, include_dashboard=False, _temp_dir=f"/tmp/rs-train-{free_port()}")
     yield
     ray.shutdown()
 

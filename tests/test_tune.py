@@ -17,6 +17,7 @@ from model_zoo.data.synth import SynthConfig, write_synthetic
 from model_zoo.synthetic import PlantedConfig
 from model_zoo.training import evaluate, minibatches
 from rayjobs.cli import main
+from rayjobs.cluster import init_private_ray
 from rayjobs.tune import pareto_front
 
 
@@ -28,7 +29,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=f"/tmp/rs-tune-{free_port()}")
+    init_private_ray(num_cpus=2, include_dashboard=False, _temp_dir=f"/tmp/rs-tune-{free_port()}")
     yield
     ray.shutdown()
 
