@@ -2,25 +2,26 @@
 
 BCE-with-logits for clicks, MSE for ratings; L2 on the embedding rows each batch
 looks up (never on the whole table); early stopping on the validation metric,
-keeping the best weights.
+keeping the best weights. ``Trainer.fit`` is the one epoch loop: in-process, in the
+Ray Train worker and in Tune trials.
 """
 
 from __future__ import annotations
 
-import copy
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from model_zoo.batch import FeatureBatch
 from model_zoo.metrics import primary_metric, task_metrics
-from model_zoo.models.base import RankingModel, TrainingOutputs
+from model_zoo.models.base import RankingModel
+from model_zoo.models.pruned_fwfm import PrunedFwFM
 from model_zoo.optim import FusedSparseAdagrad
 from model_zoo.sharded import ShardedExchange
 from model_zoo.schema import Task
@@ -29,6 +30,11 @@ OptimizerName = Literal["adagrad", "rowwise_adagrad", "sparse_adam", "adam", "sg
 
 
 class TrainConfig(BaseModel):
+    """The training settings every path shares (declared once: the CLI flags of train,
+    tune, table1 and bench train come from these fields)."""
+
+    model_config = ConfigDict(extra="forbid")
+
     epochs: int = Field(default=50, ge=1, description="most epochs; early stopping usually ends training first")
     batch_size: int = Field(default=1024, ge=1)
     optimizer: OptimizerName = "adagrad"
@@ -108,20 +114,119 @@ def evaluate(model: RankingModel, batches: Iterable[FeatureBatch]) -> dict[str, 
     return task_metrics(model.schema.task, labels, outputs)
 
 
-@dataclass
-class EpochReport:
+class EpochReport(BaseModel):
+    """One epoch: training loss and speed (summed over ranks), the validation metrics,
+    and per phase the seconds this rank spent (``data``: waiting for the next batch)."""
+
     epoch: int
     train_loss: float
-    valid: dict[str, float]
+    valid: dict[str, float] = Field(default_factory=dict)
     seconds: float
+    samples: int
     samples_per_second: float
+    samples_per_second_per_worker: float
+    phase_seconds: dict[str, float] = Field(default_factory=dict)
+    steps: int = 0
+    bytes_sent_per_step: float = 0.0
 
 
-@dataclass
-class TrainResult:
-    history: list[EpochReport] = field(default_factory=list)
+def is_better(value: float, best: float | None, higher_is_better: bool) -> bool:
+    """The one model-selection comparison. NaN (e.g. AUC on a one-class split) beats
+    nothing but an empty record, and any number beats a NaN record."""
+    if np.isnan(value):
+        return best is None
+    if best is None or np.isnan(best):
+        return True
+    return value > best if higher_is_better else value < best
+
+
+class EarlyStopping(BaseModel):
+    """Early stopping on the validation metric: serialisable (checkpoints carry it), with
+    the best epoch's weights held beside it (``best_weights``, saved as their own file)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    metric: str
+    higher_is_better: bool
+    patience: int = Field(ge=1)
+    # Epochs before this one never become the best nor count as stale (a warm-up phase,
+    # e.g. the pruned FwFM's dense epochs).
+    first_candidate_epoch: int = 0
     best_epoch: int = -1
-    best_valid: dict[str, float] = field(default_factory=dict)
+    best_valid: dict[str, float] = Field(default_factory=dict)
+    stale_epochs: int = 0
+    best_weights: dict[str, Tensor] | None = Field(default=None, exclude=True)
+
+    @classmethod
+    def for_task(cls, task: Task, patience: int) -> "EarlyStopping":
+        metric, higher_is_better = primary_metric(task)
+        return cls(metric=metric, higher_is_better=higher_is_better, patience=patience)
+
+    @property
+    def stopped(self) -> bool:
+        return self.stale_epochs >= self.patience
+
+    def observe(self, epoch: int, valid: dict[str, float], model: nn.Module) -> bool:
+        """Record an epoch's validation metrics; True (and the weights kept) when it is the new best."""
+        if epoch < self.first_candidate_epoch:
+            return False
+        if is_better(valid.get(self.metric, float("nan")), self.best_valid.get(self.metric), self.higher_is_better):
+            self.best_epoch, self.best_valid, self.stale_epochs = epoch, valid, 0
+            self.best_weights = cpu_state(model)
+            return True
+        self.stale_epochs += 1
+        return False
+
+
+class TrainingState(BaseModel):
+    """Where a run stands: what ``Trainer.fit`` resumes from."""
+
+    next_epoch: int = 0
+    stopping: EarlyStopping
+    history: list[EpochReport] = Field(default_factory=list)
+
+    @property
+    def best_epoch(self) -> int:
+        return self.stopping.best_epoch
+
+    @property
+    def best_valid(self) -> dict[str, float]:
+        return self.stopping.best_valid
+
+
+def cpu_state(model: nn.Module) -> dict[str, Tensor]:
+    return {key: value.detach().cpu().clone().contiguous() for key, value in model.state_dict().items()}
+
+
+class EpochHook:
+    """Called around every epoch of ``Trainer.fit``; subclasses override what they need."""
+
+    def before_epoch(self, epoch: int, model: RankingModel, state: TrainingState) -> None:
+        pass
+
+    def after_epoch(self, report: EpochReport, improved: bool, model: RankingModel, state: TrainingState) -> None:
+        pass
+
+
+class PruneBeforeEpoch(EpochHook):
+    """The pruned FwFM's two phases: it trains as a dense FwFM, keeps the ρ(m+1)
+    largest |R_ij| before epoch ``epoch`` (``PrunedFwFM.from_fwfm``'s rule) and fine-tunes
+    the kept entries; only pruned epochs are candidates for the best."""
+
+    def __init__(self, epoch: int, rank: int):
+        self.epoch, self.rank = epoch, rank
+
+    def before_epoch(self, epoch: int, model: RankingModel, state: TrainingState) -> None:
+        state.stopping.first_candidate_epoch = self.epoch
+        if epoch == self.epoch:
+            prune_in_place(model, self.rank)
+
+
+def prune_in_place(model: RankingModel, rank: int) -> None:
+    if not isinstance(model, PrunedFwFM):
+        raise ValueError(f"only a pruned_fwfm prunes, not {model.kind}")
+    with torch.no_grad():
+        model.kept.copy_(PrunedFwFM.from_fwfm(model, rank).kept)
 
 
 class Trainer:
@@ -133,7 +238,6 @@ class Trainer:
         self.exchange = exchange
         self.optimizers = build_optimizers(model, config)
         self.loss = loss_function(model.schema.task)
-        self.metric, self.higher_is_better = primary_metric(model.schema.task)
         # Wall time of each phase of ``step`` (on CPU; GPU kernels run asynchronously);
         # with an exchange also its two halves: fetching rows, sending gradients.
         phases = ("forward", "backward", "optimizer") + (() if exchange is None else ("rows", "gradients"))
@@ -178,62 +282,80 @@ class Trainer:
         if self.exchange is not None:
             self.exchange.consolidate(self.optimizers)
 
+    def train_epoch(self, epoch: int, batches: Iterable[FeatureBatch]) -> EpochReport:
+        """Step through one epoch's batches; the tables end whole. Loss and samples are
+        summed over the ranks; the phase times are this rank's."""
+        self.model.train()
+        self.phase_seconds = dict.fromkeys(self.phase_seconds, 0.0)
+        sent_before = 0 if self.exchange is None else self.exchange.bytes_sent
+        started = fetched = time.perf_counter()
+        loss_sum, samples, steps, data_seconds = 0.0, 0, 0, 0.0
+        for batch in batches:
+            data_seconds += time.perf_counter() - fetched
+            loss_sum += float(self.step(batch)) * len(batch)
+            samples += len(batch)
+            steps += 1
+            fetched = time.perf_counter()
+        seconds = time.perf_counter() - started
+        self.whole_tables()
+        workers = 1
+        if self.exchange is not None:
+            workers = self.exchange.world
+            # On the exchange's device: NCCL reduces GPU tensors only.
+            totals = torch.tensor([loss_sum, float(samples)], dtype=torch.float64, device=self.exchange.device)
+            dist.all_reduce(totals, group=self.exchange.group)
+            loss_sum, samples = totals[0].item(), int(totals[1].item())
+        rate = samples / max(seconds, 1e-9)
+        sent = 0 if self.exchange is None else self.exchange.bytes_sent - sent_before
+        return EpochReport(
+            epoch=epoch, train_loss=loss_sum / max(samples, 1), seconds=seconds, samples=samples,
+            samples_per_second=rate, samples_per_second_per_worker=rate / workers,
+            phase_seconds={"data": data_seconds, **self.phase_seconds}, steps=steps, bytes_sent_per_step=sent / max(steps, 1),
+        )  # fmt: skip
+
+    def new_state(self) -> TrainingState:
+        return TrainingState(stopping=EarlyStopping.for_task(self.model.schema.task, self.config.patience))
+
     def fit(
         self,
         train_batches: Callable[[int], Iterable[FeatureBatch]],
-        valid_batches: Callable[[], Iterable[FeatureBatch]],
-        on_epoch: Callable[[EpochReport], None] | None = None,
-    ) -> TrainResult:
-        """Train with early stopping; the model ends holding the best epoch's weights.
+        validate: Callable[[], dict[str, float]],
+        state: TrainingState | None = None,
+        hooks: Sequence[EpochHook] = (),
+    ) -> TrainingState:
+        """The epoch loop: train with early stopping, from ``state`` when resuming; the
+        model ends holding the best epoch's weights.
 
-        ``train_batches(epoch)`` yields that epoch's (shuffled) batches.
+        ``train_batches(epoch)`` yields that epoch's (shuffled) batches; ``validate()``
+        gives the validation metrics of the model as it is.
         """
-        torch.manual_seed(self.config.seed)
-        result = TrainResult()
-        best_state = None
-        stale_epochs = 0
-        for epoch in range(self.config.epochs):
-            self.model.train()
-            started = time.perf_counter()
-            total_loss, samples = 0.0, 0
-            for batch in train_batches(epoch):
-                total_loss += float(self.step(batch)) * len(batch)
-                samples += len(batch)
-            seconds = time.perf_counter() - started
-            valid = evaluate(self.model, valid_batches())
-            report = EpochReport(epoch, total_loss / max(samples, 1), valid, seconds, samples / max(seconds, 1e-9))
-            result.history.append(report)
-            if on_epoch is not None:
-                on_epoch(report)
-            if self._improves(valid, result.best_valid):
-                result.best_epoch, result.best_valid = epoch, valid
-                best_state = copy.deepcopy(self.model.state_dict())
-                stale_epochs = 0
-            else:
-                stale_epochs += 1
-                if stale_epochs >= self.config.patience:
-                    break
-        if best_state is not None:
-            self.model.load_state_dict(best_state)
-        return result
-
-    def _improves(self, valid: dict[str, float], best: dict[str, float]) -> bool:
-        value = valid[self.metric]
-        if np.isnan(value):
-            return not best
-        if not best:
-            return True
-        return value > best[self.metric] if self.higher_is_better else value < best[self.metric]
+        state = state or self.new_state()
+        if state.next_epoch == 0:
+            torch.manual_seed(self.config.seed)
+        while state.next_epoch < self.config.epochs and not state.stopping.stopped:
+            epoch = state.next_epoch
+            for hook in hooks:
+                hook.before_epoch(epoch, self.model, state)
+            report = self.train_epoch(epoch, train_batches(epoch))
+            report.valid = validate()
+            improved = state.stopping.observe(epoch, report.valid, self.model)
+            state.history.append(report)
+            state.next_epoch = epoch + 1
+            for hook in hooks:
+                hook.after_epoch(report, improved, self.model, state)
+        if state.stopping.best_weights is not None:
+            device = next(self.model.parameters()).device
+            self.model.load_state_dict({key: value.to(device) for key, value in state.stopping.best_weights.items()})
+        return state
 
 
 def fit_in_memory(
     model: RankingModel, config: TrainConfig, train: FeatureBatch, valid: FeatureBatch,
-    on_epoch: Callable[[EpochReport], None] | None = None,
-) -> TrainResult:
-    """Convenience for data that fits in memory (tests, experiments on samples)."""
-    trainer = Trainer(model, config)
-    return trainer.fit(
+    state: TrainingState | None = None, hooks: Sequence[EpochHook] = (),
+) -> TrainingState:
+    """``Trainer.fit`` on data that fits in memory (tests, Tune trials, experiments on samples)."""
+    return Trainer(model, config).fit(
         lambda epoch: minibatches(train, config.batch_size, seed=config.seed * 1000 + epoch),
-        lambda: minibatches(valid, config.eval_batch_size),
-        on_epoch,
+        lambda: evaluate(model, minibatches(valid, config.eval_batch_size)),
+        state, hooks,
     )

@@ -29,10 +29,11 @@ import torch
 
 from model_zoo.batch import FeatureBatch
 from model_zoo.metrics import constant_baseline, primary_metric, task_metrics
+from model_zoo.model_config import CONFIG_BY_KIND
 from model_zoo.registry import build_model
 from model_zoo.schema import FeatureSchema, Role, Task
 from model_zoo.training import TrainConfig, evaluate, fit_in_memory, minibatches, uses_sparse_gradients
-from rayjobs.tune import RANKED_KINDS, Splits, load_splits, parameter_count
+from rayjobs.tune import Splits, load_splits, parameter_count
 
 EXTRAS_HINT = "pip install 'rankstream[baselines]'  (myfm, scikit-surprise)"
 LINEAR_STRENGTHS = (0.1, 1.0, 10.0, 100.0)  # sklearn's C (logistic) or alpha (ridge), chosen on validation
@@ -166,7 +167,7 @@ def rankstream_model(splits: Splits, kind: str, dim: int, rank: int | None, conf
     """One of rankstream's models with the default recipe, as ``rankstream train`` runs it."""
     started = time.perf_counter()
     torch.manual_seed(config.seed)
-    options = {"rank": rank} if kind in RANKED_KINDS else {}
+    options = {"rank": rank} if "rank" in CONFIG_BY_KIND[kind].model_fields else {}
     model = build_model(splits.schema, kind, dim, sparse=uses_sparse_gradients(config.optimizer), **options)
     result = fit_in_memory(model, config, splits.train, splits.valid)
     test = evaluate(model, minibatches(splits.test, config.eval_batch_size))
@@ -216,7 +217,7 @@ def run_baselines(args: argparse.Namespace) -> int:
         steps.append(lambda: surprise_models(splits, *user_item, seed=args.seed))
     config = TrainConfig(seed=args.seed)
     for kind in args.kinds:
-        for rank in args.ranks if kind in RANKED_KINDS else [None]:
+        for rank in args.ranks if "rank" in CONFIG_BY_KIND[kind].model_fields else [None]:
             steps.append(lambda kind=kind, rank=rank: [rankstream_model(splits, kind, args.dim, rank, config)])
     train_labels = labels_of(splits.train)
     constant = {s: constant_baseline(task, train_labels, labels_of(getattr(splits, s))) for s in ("valid", "test")}

@@ -21,7 +21,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import get_args
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -29,23 +29,24 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from model_zoo.batch import FeatureBatch
 from model_zoo.data.layout import SCHEMA_FILE, SPLITS, arrow_schema
-from model_zoo.registry import build_model
+from model_zoo.model_config import CONFIG_BY_KIND, ModelOptions
 from model_zoo.schema import FeatureSchema, FieldSpec, Role
 from model_zoo.training import (
-    OptimizerName,
     TrainConfig,
     Trainer,
+    prune_in_place,
     uses_sparse_gradients,
 )
 from model_zoo.sharded import ShardedExchange
 from rayjobs.bench import write_results
 from rayjobs.cluster import init_private_ray
-from rayjobs.train import TrainJobConfig, prune_in_place, run_training
+from rayjobs.options import FlatCommand, command
+from rayjobs.train import TrainJobConfig, run_training
 
 PHASES = ("data", "rows", "forward", "backward", "gradients", "optimizer")
 STEP_PHASES = PHASES[1:]
@@ -87,10 +88,13 @@ def draw_columns(schema: FeatureSchema, rows: int, zipf: float, rng: np.random.G
     return columns, labels
 
 
+def model_config(kind: str, dim: int, rank: int | None) -> ModelOptions:
+    return CONFIG_BY_KIND[kind](dim=dim, **({} if rank is None else {"rank": rank}))
+
+
 def build_for_training(schema: FeatureSchema, kind: str, dim: int, rank: int | None, optimizer: str, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    options = {} if rank is None else {"rank": rank}
-    model = build_model(schema, kind, dim, sparse=uses_sparse_gradients(optimizer), **options)
+    model = model_config(kind, dim, rank).build(schema, sparse=uses_sparse_gradients(optimizer))
     if kind == "pruned_fwfm":
         with torch.no_grad():
             model.interaction_weights.normal_()  # a "trained" R with distinct magnitudes
@@ -98,19 +102,19 @@ def build_for_training(schema: FeatureSchema, kind: str, dim: int, rank: int | N
     return model
 
 
-def _ingest_free_rank(rank: int, workers: int, directory: str, kind: str, rank_option: int | None, args: argparse.Namespace) -> None:
+def _ingest_free_rank(rank: int, workers: int, directory: str, kind: str, rank_option: int | None, args: BenchTrainJob) -> None:
     torch.set_num_threads(1)
     if workers > 1:
         dist.init_process_group("gloo", init_method=f"file://{directory}/rendezvous", rank=rank, world_size=workers)
     schema = criteo_shaped_schema(args.fields, args.table_rows)
-    rng = np.random.default_rng(args.seed + rank)
+    rng = np.random.default_rng(args.train.seed + rank)
     batches = []
     for _ in range(args.batches):
-        columns, labels = draw_columns(schema, args.batch_size, args.zipf, rng)
+        columns, labels = draw_columns(schema, args.train.batch_size, args.zipf, rng)
         batches.append(FeatureBatch.from_columns(schema, columns, labels))
-    model = build_for_training(schema, kind, args.dim, rank_option, args.optimizer, args.seed)
+    model = build_for_training(schema, kind, args.dim, rank_option, args.train.optimizer, args.train.seed)
     exchange = ShardedExchange(model) if workers > 1 else None
-    trainer = Trainer(model, TrainConfig(batch_size=args.batch_size, optimizer=args.optimizer, learning_rate=args.lr), exchange=exchange)
+    trainer = Trainer(model, args.train, exchange=exchange)
     for batch in batches[: args.warmup]:
         trainer.step(batch)
     trainer.phase_seconds = dict.fromkeys(trainer.phase_seconds, 0.0)
@@ -131,7 +135,7 @@ def _ingest_free_rank(rank: int, workers: int, directory: str, kind: str, rank_o
         dist.destroy_process_group()
 
 
-def bench_ingest_free(kind: str, rank: int | None, workers: int, args: argparse.Namespace) -> TrainThroughput:
+def bench_ingest_free(kind: str, rank: int | None, workers: int, args: BenchTrainJob) -> TrainThroughput:
     """N processes (gloo, one thread each) stepping ``Trainer.step`` on pre-built batches:
     the step and its synchronisation without any ingest."""
     with tempfile.TemporaryDirectory(prefix="rs-bench-sync-", dir="/tmp") as directory:
@@ -141,17 +145,17 @@ def bench_ingest_free(kind: str, rank: int | None, workers: int, args: argparse.
     seconds = max(r["seconds"] for r in results)
     per_batch = {name: 1000 * value / timed for name, value in results[0]["phase_seconds"].items()}
     step_ms = sum(per_batch.get(name, 0.0) for name in STEP_PHASES)
-    rate = timed * args.batch_size / seconds
+    rate = timed * args.train.batch_size / seconds
     return TrainThroughput(
         model=kind, rank=rank, workers=workers, variant="ingest-free", samples_per_second_per_worker=rate,
         samples_per_second=rate * workers, ms_per_batch={**per_batch, "step": step_ms},
-        step_samples_per_second_per_worker=args.batch_size / step_ms * 1000, batches=timed,
+        step_samples_per_second_per_worker=args.train.batch_size / step_ms * 1000, batches=timed,
         bytes_sent_per_step=results[0]["bytes_sent_per_step"],
     )  # fmt: skip
 
 
-def write_dataset(directory: Path, schema: FeatureSchema, rows: dict[str, int], args: argparse.Namespace) -> None:
-    rng = np.random.default_rng(args.seed)
+def write_dataset(directory: Path, schema: FeatureSchema, rows: dict[str, int], args: BenchTrainJob) -> None:
+    rng = np.random.default_rng(args.train.seed)
     table_schema = arrow_schema(schema)
     for split in SPLITS:
         (directory / split).mkdir(parents=True)
@@ -161,11 +165,10 @@ def write_dataset(directory: Path, schema: FeatureSchema, rows: dict[str, int], 
     schema.save(directory / SCHEMA_FILE)
 
 
-def bench_ray(data: Path, kind: str, rank: int | None, workers: int, args: argparse.Namespace, scratch: Path) -> TrainThroughput:
+def bench_ray(data: Path, kind: str, rank: int | None, workers: int, args: BenchTrainJob, scratch: Path) -> TrainThroughput:
     job = TrainJobConfig(
-        data=data, out=scratch / f"bundle-{kind}-{rank}-{workers}", model=kind, dim=args.dim, rank=rank or 1,
-        train=TrainConfig(epochs=args.ray_epochs, batch_size=args.batch_size, optimizer=args.optimizer,
-                          learning_rate=args.lr, patience=args.ray_epochs, seed=args.seed),
+        data=data, out=scratch / f"bundle-{kind}-{rank}-{workers}", model=model_config(kind, args.dim, rank),
+        train=args.train.model_copy(update={"patience": args.train.epochs}),
         workers=workers, cpus_per_worker=args.cpus_per_worker, storage_path=scratch / "runs", max_failures=0,
         progress=False,
     )  # fmt: skip
@@ -177,17 +180,18 @@ def bench_ray(data: Path, kind: str, rank: int | None, workers: int, args: argpa
     return TrainThroughput(
         model=kind, rank=rank, workers=workers, variant="ray", samples_per_second_per_worker=last["samples_per_second_per_worker"],
         samples_per_second=last["samples_per_second"], ms_per_batch={**per_batch, "step": step_ms},
-        step_samples_per_second_per_worker=args.batch_size / step_ms * 1000, batches=batches,
+        step_samples_per_second_per_worker=args.train.batch_size / step_ms * 1000, batches=batches,
         bytes_sent_per_step=last["bytes_sent_per_step"],
     )  # fmt: skip
 
 
-def configurations(args: argparse.Namespace) -> list[tuple[str, int | None]]:
-    ranked = {"pruned_fwfm", "dplr_fwfm"}
-    return [(kind, rank) for kind in args.models for rank in (args.ranks if kind in ranked else [None])]
+def configurations(args: BenchTrainJob) -> list[tuple[str, int | None]]:
+    return [
+        (kind, rank) for kind in args.models for rank in (args.ranks if "rank" in CONFIG_BY_KIND[kind].model_fields else [None])
+    ]
 
 
-def run_bench(args: argparse.Namespace) -> list[TrainThroughput]:
+def run_bench(args: BenchTrainJob) -> list[TrainThroughput]:
     import ray
 
     records = [
@@ -201,7 +205,7 @@ def run_bench(args: argparse.Namespace) -> list[TrainThroughput]:
     schema = criteo_shaped_schema(args.fields, args.table_rows)
     with tempfile.TemporaryDirectory(prefix="rs-bench-train-", dir="/tmp") as scratch:
         scratch_path = Path(scratch)
-        rows = {"train": args.ray_rows, "valid": args.batch_size, "test": args.batch_size}
+        rows = {"train": args.ray_rows, "valid": args.train.batch_size, "test": args.train.batch_size}
         write_dataset(scratch_path / "data", schema, rows, args)
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
@@ -258,7 +262,7 @@ def plot(records: list[TrainThroughput], path: Path) -> None:
     plt.close(figure)
 
 
-def handle(args: argparse.Namespace) -> int:
+def handle(args: BenchTrainJob) -> int:
     records = run_bench(args)
     for r in records:
         phases = ", ".join(f"{name} {value:.1f}" for name, value in r.ms_per_batch.items())
@@ -270,31 +274,39 @@ def handle(args: argparse.Namespace) -> int:
     ratios = speedups(records)
     for name, ratio in ratios.items():
         print(f"speed-up {name}: {ratio:.2f}x one worker")
-    setup = {key: getattr(args, key) for key in ("fields", "dim", "batch_size", "table_rows", "zipf", "optimizer", "lr", "ray_rows", "cpus_per_worker")}
+    setup = args.model_dump(mode="json", include={"fields", "dim", "table_rows", "zipf", "ray_rows", "cpus_per_worker", "train"})
     report = {"setup": setup, "records": [r.model_dump() for r in records], "speedups": ratios}
-    write_results(args.json, json.dumps(report, indent=2) + "\n", lambda path: plot(records, path))
+    write_results(args.json_path, json.dumps(report, indent=2) + "\n", lambda path: plot(records, path))
     return 0
+
+
+class BenchTrainJob(BaseModel):
+    """`rankstream bench train`: the configurations measured and the data's shape."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_path: Path = Field(default=Path("bench-results/train.json"), description="output JSON (the plot goes beside it)")
+    models: list[Literal[tuple(CONFIG_BY_KIND)]] = Field(default=["fm", "fwfm", "pruned_fwfm", "dplr_fwfm"], min_length=1)  # type: ignore[valid-type]
+    ranks: list[int] = Field(default=[1, 2, 3], min_length=1, description="for the models with a rank")
+    workers: list[int] = Field(default=[1, 2], min_length=1, description="worker counts, each run both ways")
+    variants: list[Literal["ray", "ingest-free"]] = Field(default=["ray", "ingest-free"], min_length=1)
+    fields: int = Field(default=39, ge=2)
+    dim: int = Field(default=16, ge=1)
+    table_rows: int = Field(default=1_000_000, ge=1, description="embedding-table rows over all fields")
+    zipf: float = Field(default=1.05, ge=0, description="exponent of the value distribution (0: uniform)")
+    batches: int = Field(default=25, ge=2, description="ingest-free: batches stepped per worker (warm-up included)")
+    warmup: int = Field(default=5, ge=1)
+    ray_rows: int = Field(default=245_760, ge=1, description="Ray runs: training rows per epoch (all workers)")
+    cpus_per_worker: float = Field(default=0.5, gt=0)
+    num_cpus: int | None = Field(default=None, ge=1, description="CPUs of the local Ray started for the Ray runs")
+    # Per worker; the Ray runs measure their last epoch (the first pays the warm-up).
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(batch_size=4096, epochs=2))
+
+
+# No --patience: the Ray runs never stop early (patience = epochs).
+FLAGS = FlatCommand("BenchTrain", BenchTrainJob, sections={"train": TrainConfig}, exclude=("patience",), shortcuts={"json-path": "json"})
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="training samples/s on 1 and N workers, through Ray Train and ingest-free")
-    parser.add_argument("--json", default="bench-results/train.json", help="output JSON (the plot goes beside it)")
-    parser.add_argument("--models", nargs="+", default=["fm", "fwfm", "pruned_fwfm", "dplr_fwfm"])
-    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3], help="for dplr_fwfm and pruned_fwfm")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts, each run both ways")
-    parser.add_argument("--variants", nargs="+", choices=["ray", "ingest-free"], default=["ray", "ingest-free"])
-    parser.add_argument("--fields", type=int, default=39)
-    parser.add_argument("--dim", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=4096, help="per worker")
-    parser.add_argument("--table-rows", type=int, default=1_000_000, help="embedding-table rows over all fields")
-    parser.add_argument("--zipf", type=float, default=1.05, help="exponent of the value distribution (0: uniform)")
-    parser.add_argument("--optimizer", choices=get_args(OptimizerName), default="adagrad")
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--batches", type=int, default=25, help="ingest-free: batches stepped per worker (warm-up included)")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--ray-rows", type=int, default=245_760, help="Ray runs: training rows per epoch (all workers)")
-    parser.add_argument("--ray-epochs", type=int, default=2, help="Ray runs: the last epoch is measured")
-    parser.add_argument("--cpus-per-worker", type=float, default=0.5)
-    parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray started for the Ray runs")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(func=handle)
+    command(parser, FLAGS, handle)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from model_zoo.batch import FeatureBatch
 from model_zoo.data.layout import load_schema
@@ -32,6 +32,7 @@ from model_zoo.registry import build_model
 from model_zoo.schema import FeatureSchema
 from model_zoo.training import TrainConfig, evaluate, fit_in_memory, minibatches
 from rayjobs.bench import write_results
+from rayjobs.options import FlatCommand, command
 
 
 class RafmRecord(BaseModel):
@@ -96,20 +97,20 @@ def time_scoring(model: RankingModel, context: FeatureBatch, items: FeatureBatch
     return times
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: RafmReportJob) -> dict:
     torch.set_num_threads(1)
     schema = load_schema(args.data)
     train, valid, test = (load_split(args.data, split) for split in ("train", "valid", "test"))
     counts = feature_counts(schema, train)
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate, l2=args.l2, seed=args.seed)
+    config = args.train
     items = distinct_items(schema, test, args.items)
     context = test.rows(slice(0, 1)).select(schema, schema.context_fields)
     feature_rows = item_feature_rows(schema, items)
     candidates: list[tuple[str, RankingModel]] = []
     for rank in args.ranks:
-        torch.manual_seed(args.seed)
+        torch.manual_seed(args.train.seed)
         candidates.append((f"fm k={rank}", build_model(schema, "fm", rank, sparse=True)))
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.train.seed)
     rafm = build_model(schema, "rafm", args.ranks[-1], ranks=args.ranks, thresholds=args.thresholds, sparse=True)
     rafm.set_feature_counts(counts)
     candidates.append((f"rafm k={'/'.join(map(str, args.ranks))}", rafm))
@@ -172,7 +173,7 @@ def plot(report: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def handle(args: argparse.Namespace) -> int:
+def handle(args: RafmReportJob) -> int:
     if args.ranks != sorted(set(args.ranks)) or len(args.thresholds) != len(args.ranks) - 1:
         raise ValueError(f"--ranks must increase strictly and --thresholds give one count per rank boundary, got {args.ranks} / {args.thresholds}")
     if not (Path(args.data) / "schema.json").is_file():
@@ -187,21 +188,27 @@ def handle(args: argparse.Namespace) -> int:
             f"{r['scoring_us_per_item']:.2f} µs/item median (min {r['scoring_us_per_item_min']:.2f}, max {r['scoring_us_per_item_max']:.2f}); "
             f"{r['entries_per_item']:.1f} entries/item; test {metrics}; best epoch {r['best_epoch']}, trained in {r['train_seconds']:.1f} s"
         )
-    write_results(args.json, json.dumps(report, indent=2) + "\n", lambda path: plot(report, path))
+    write_results(args.json_path, json.dumps(report, indent=2) + "\n", lambda path: plot(report, path))
     return 0
+
+
+class RafmReportJob(BaseModel):
+    """`rankstream experiment rafm`: the levels compared and the training settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: Path = Field(description="a prepared dataset (rankstream prepare)")
+    json_path: Path = Field(default=Path("bench-results/rafm.json"), description="output JSON (the plot goes beside it)")
+    ranks: list[int] = Field(default=[4, 32], min_length=1, description="embedding size per level; each also an FM")
+    thresholds: list[int] = Field(default=[100], description="training-count thresholds between levels")
+    items: int = Field(default=2000, ge=1, description="distinct test items scored per timing")
+    repeats: int = Field(default=30, ge=1)
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=10, l2=0.0))
+
+
+FLAGS = FlatCommand("Rafm", RafmReportJob, sections={"train": TrainConfig}, shortcuts={"json-path": "json"})
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("rafm", help="Rank-Aware FM vs FM: model size, per-item scoring cost, accuracy")
-    parser.add_argument("--data", required=True, help="a prepared dataset (rankstream prepare)")
-    parser.add_argument("--json", default="bench-results/rafm.json", help="output JSON (the plot goes beside it)")
-    parser.add_argument("--ranks", type=int, nargs="+", default=[4, 32])
-    parser.add_argument("--thresholds", type=int, nargs="*", default=[100], help="training-count thresholds between levels")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--learning-rate", type=float, default=0.05)
-    parser.add_argument("--l2", type=float, default=0.0)
-    parser.add_argument("--items", type=int, default=2000, help="distinct test items scored per timing")
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(func=handle)
+    command(parser, FLAGS, handle)

@@ -20,7 +20,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
 from model_zoo.data.layout import load_schema
@@ -31,52 +31,46 @@ from model_zoo.models.base import RankingModel
 from model_zoo.registry import build_model
 from model_zoo.schema import FeatureSchema
 from model_zoo.training import TrainConfig, evaluate, fit_in_memory, minibatches
+from rayjobs.options import FlatCommand, command
 
 DeepKind = Literal["dnn", "dcnv2", "nfwfm"]
 
 
 class ScalingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     model: DeepKind = "dcnv2"
     dim: int = Field(default=10, ge=1, description="base embedding width k")
     multipliers: list[int] = Field(default=[1, 2, 3, 4], min_length=1)
     seeds: int = Field(default=1, ge=1, description="trainings per model and size (seeds 0 … n−1)")
-    hidden: list[int] = Field(default=[128, 64], min_length=1)
+    hidden: list[int] = Field(default=[128, 64], min_length=1, description="MLP widths; the first is per set")
     cross_layers: int = Field(default=2, ge=1, description="dcnv2 only")
-    train: TrainConfig = TrainConfig(epochs=30, batch_size=2048, optimizer="adam", learning_rate=1e-3, patience=3)
+    # l2 0: the command's default before its flags came from here.
+    train: TrainConfig = TrainConfig(epochs=30, batch_size=2048, optimizer="adam", learning_rate=1e-3, l2=0.0, patience=3)
+
+
+class ScalingJob(ScalingConfig):
+    """`rankstream experiment scaling`: the experiment, its data and threads."""
+
+    data: Path = Field(description="a prepared dataset (rankstream prepare / synth)")
+    out: Path
+    threads: int = Field(default=1, ge=1, description="torch threads (1 on a shared 2-core box)")
+
+
+FLAGS = FlatCommand("Scaling", ScalingJob, sections={"train": TrainConfig}, exclude=("seed",))  # --seeds sets them
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("scaling", help="single vs multi-embedding as embeddings grow (Guo et al. 2024)")
-    parser.add_argument("--data", type=Path, required=True, help="a prepared dataset (rankstream prepare / synth)")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--model", choices=["dnn", "dcnv2", "nfwfm"], default="dcnv2")
-    parser.add_argument("--dim", type=int, default=10, help="base embedding width k")
-    parser.add_argument("--multipliers", type=int, nargs="+", default=[1, 2, 3, 4])
-    parser.add_argument("--seeds", type=int, default=1, help="trainings per model and size")
-    parser.add_argument("--hidden", type=int, nargs="+", default=[128, 64], help="MLP widths; the first is per set")
-    parser.add_argument("--cross-layers", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=2048)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--l2", type=float, default=0.0, help="L2 on looked-up embedding rows")
-    parser.add_argument("--patience", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared 2-core box)")
-    parser.set_defaults(func=run_scaling)
+    command(parser, FLAGS, run_scaling)
 
 
-def run_scaling(args: argparse.Namespace) -> int:
-    torch.set_num_threads(args.threads)
-    train = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, optimizer="adam", learning_rate=args.learning_rate,
-        l2=args.l2, patience=args.patience,
-    )  # fmt: skip
-    config = ScalingConfig(
-        model=args.model, dim=args.dim, multipliers=args.multipliers, seeds=args.seeds, hidden=args.hidden,
-        cross_layers=args.cross_layers, train=train,
-    )  # fmt: skip
-    summary = scaling_experiment(args.data, args.out, config)
+def run_scaling(job: ScalingJob) -> int:
+    torch.set_num_threads(job.threads)
+    config = ScalingConfig.model_validate(job.model_dump(exclude={"data", "out", "threads"}))
+    summary = scaling_experiment(job.data, job.out, config)
     print(summary["markdown"])
-    print(f"wrote {args.out}/scaling.json, scaling.md, ia.png, scaling.png")
+    print(f"wrote {job.out}/scaling.json, scaling.md, ia.png, scaling.png")
     return 0
 
 

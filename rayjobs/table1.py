@@ -20,24 +20,39 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
 from safetensors.torch import load_file
 
 from model_zoo.data.layout import STATS_FILE
 from model_zoo.metrics import primary_metric
 from model_zoo.models.pruned_fwfm import kept_entry_count
 from model_zoo.schema import Task
+from model_zoo.training import TrainConfig, is_better
+from rayjobs.options import FlatCommand, command
 from rayjobs.tune import (
+    SWEPT,
     WEIGHTS_FILE,
     Splits,
     SweepSettings,
     TrialRecord,
-    add_ray_arguments,
     architectures,
     load_splits,
     markdown_table,
     ray_session,
     run_trials,
 )
+
+class Table1Job(SweepSettings):
+    """`rankstream experiment table1`: the grid and the sweep settings."""
+
+    data: Path = Field(description="a prepared dataset (rankstream prepare / synth)")
+    out: Path = Field(description="output directory")
+    name: str | None = Field(default=None, description="dataset name in the table (default: stats.json's dataset, else the directory)")
+    dims: list[int] = Field(default=[8, 16], min_length=1)
+    ranks: list[int] = Field(default=[1, 2, 3, 4, 5], min_length=1)
+    lr_grid: list[float] = Field(default=[0.02, 0.05, 0.1], min_length=1, description="learning rates tried per model")
+    l2_grid: list[float] = Field(default=[0.01, 0.03, 0.3], min_length=1, description="L2 strengths tried per model")
+
 
 HIGHER_IS_BETTER = {"auc": True, "logloss": False, "mse": False, "rmse": False}
 METRIC_LABELS = {"auc": "AUC", "logloss": "LogLoss", "mse": "MSE", "rmse": "RMSE"}
@@ -58,8 +73,8 @@ def best_per_model(records: list[TrialRecord], metric: str, higher_is_better: bo
     best: dict[tuple, TrialRecord] = {}
     for record in records:
         key = (record.kind, record.dim, record.rank)
-        value, incumbent = record.valid[metric], best.get(key)
-        if incumbent is None or (value > incumbent.valid[metric] if higher_is_better else value < incumbent.valid[metric]):
+        incumbent = best.get(key)
+        if is_better(record.valid[metric], None if incumbent is None else incumbent.valid[metric], higher_is_better):
             best[key] = record
     return best
 
@@ -130,50 +145,45 @@ def fwfm_states(selected: dict[tuple, TrialRecord], dims: list[int]) -> dict[int
     return {dim: load_file(str(Path(selected[("fwfm", dim, None)].checkpoint) / WEIGHTS_FILE)) for dim in dims}
 
 
-def run_table1(args: argparse.Namespace) -> int:
+def run_table1(job: Table1Job) -> int:
     started = time.perf_counter()
-    out = Path(args.out)
+    out = job.out
     out.mkdir(parents=True, exist_ok=True)
-    splits: Splits = load_splits(args.data)
-    settings = SweepSettings(
-        epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, patience=args.patience,
-        seed=args.seed, cpus_per_trial=args.cpus_per_trial,
-    )  # fmt: skip
+    splits: Splits = load_splits(job.data)
     metric, higher_is_better = primary_metric(splits.schema.task)
     from ray import tune
 
     storage = out / "ray_results"
-    with ray_session(args.address, args.num_cpus):
+    with ray_session(job.address, job.num_cpus):
         full = run_trials(
-            splits, settings,
-            {"arch": tune.grid_search(architectures(["fm", "fwfm", "dplr_fwfm"], args.dims, args.ranks)),
-             "learning_rate": tune.grid_search(args.lr_grid), "l2": tune.grid_search(args.l2_grid)},
+            splits, job,
+            {"arch": tune.grid_search(architectures(["fm", "fwfm", "dplr_fwfm"], job.dims, job.ranks)),
+             "learning_rate": tune.grid_search(job.lr_grid), "l2": tune.grid_search(job.l2_grid)},
             storage=storage, name="table1-full",
         )  # fmt: skip
         selected = best_per_model(full, metric, higher_is_better)
         pruned = run_trials(
-            splits, settings,
-            {"arch": tune.grid_search(architectures(["pruned_fwfm"], args.dims, args.ranks)),
-             "learning_rate": tune.grid_search(args.lr_grid), "l2": tune.grid_search(args.l2_grid)},
-            storage=storage, name="table1-pruned", fwfm_states=fwfm_states(selected, args.dims),
+            splits, job,
+            {"arch": tune.grid_search(architectures(["pruned_fwfm"], job.dims, job.ranks)),
+             "learning_rate": tune.grid_search(job.lr_grid), "l2": tune.grid_search(job.l2_grid)},
+            storage=storage, name="table1-pruned", fwfm_states=fwfm_states(selected, job.dims),
         )  # fmt: skip
     selected.update(best_per_model(pruned, metric, higher_is_better))
-    name = args.name or _dataset_name(Path(args.data))
-    rows = table_rows(selected, splits.schema.task, splits.schema.num_fields, args.dims, args.ranks)
+    name = job.name or _dataset_name(job.data)
+    rows = table_rows(selected, splits.schema.task, splits.schema.num_fields, job.dims, job.ranks)
     table = (
-        markdown(name, rows, args.dims)
+        markdown(name, rows, job.dims)
         + "\nThe same with the pruned FwFM as cut from the FwFM, before fine-tuning:\n\n"
-        + markdown(name, rows, args.dims, pruned="pruned_as_cut")
+        + markdown(name, rows, job.dims, pruned="pruned_as_cut")
         + "\nThe selected trial of each cell:\n\n"
         + selection_markdown(selected)
     )
     seconds = time.perf_counter() - started
     report = {
-        "dataset": name, "data": str(Path(args.data).resolve()), "task": splits.schema.task.value,
+        "dataset": name, "data": str(job.data.resolve()), "task": splits.schema.task.value,
         "num_fields": splits.schema.num_fields, "selection_metric": metric,
         "rows_per_split": {"train": len(splits.train), "valid": len(splits.valid), "test": len(splits.test)},
-        "settings": {**settings.model_dump(), "dims": args.dims, "ranks": args.ranks, "lr_grid": args.lr_grid,
-                     "l2_grid": args.l2_grid},
+        "settings": job.model_dump(mode="json", exclude={"data", "out", "name", "address"}),
         "seconds": seconds, "rows": rows,
         "selected": [record.model_dump() for record in selected.values()],
         "trials": [record.model_dump() for record in full + pruned],
@@ -191,21 +201,12 @@ def _dataset_name(directory: Path) -> str:
     return str(dataset or directory.name)
 
 
-def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--data", required=True, help="a prepared dataset (rankstream prepare / synth)")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--name", help="dataset name in the table (default: stats.json's dataset, else the directory)")
-    parser.add_argument("--dims", type=int, nargs="+", default=[8, 16])
-    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3, 4, 5])
-    parser.add_argument("--lr-grid", type=float, nargs="+", default=[0.02, 0.05, 0.1], help="learning rates tried per model")
-    parser.add_argument("--l2-grid", type=float, nargs="+", default=[0.01, 0.03, 0.3], help="L2 strengths tried per model")
-    add_ray_arguments(parser)
-    parser.set_defaults(func=run_table1)
-    return parser
+FLAGS = FlatCommand("Table1", Table1Job, sections={"train": TrainConfig}, exclude=SWEPT)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    build_parser(subparsers.add_parser("table1", help="the DPLR-FwFM paper's Table 1: FM, FwFM, DPLR, pruned FwFM"))
+    parser = subparsers.add_parser("table1", help="the DPLR-FwFM paper's Table 1: FM, FwFM, DPLR, pruned FwFM")
+    command(parser, FLAGS, run_table1)
 
 
 if __name__ == "__main__":

@@ -15,21 +15,22 @@ the bundle, with metrics, training curves and the embedding-collapse diagnostics
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
+from model_zoo.batch import FeatureBatch
 from model_zoo.bundle import save_bundle
 from model_zoo.data.layout import SPLITS, VOCAB_DIR, columns_for, load_schema, split_dir
 from model_zoo.data.reader import batch_from_table, iter_tables
@@ -39,13 +40,23 @@ from model_zoo.diagnostics import (
     plot_information_abundance,
 )
 from model_zoo.metrics import primary_metric, task_metrics
+from model_zoo.model_config import DEFAULT_KIND, MODEL_CONFIGS, DPLRFwFMConfig, ModelConfig, PrunedFwFMConfig
 from model_zoo.models.base import RankingModel
-from model_zoo.models.pruned_fwfm import PrunedFwFM
-from model_zoo.registry import KINDS, MODELS, build_model
 from model_zoo.schema import FeatureSchema, Kind
 from model_zoo.sharded import ShardedExchange
-from model_zoo.training import OptimizerName, TrainConfig, Trainer, predict, uses_sparse_gradients
+from model_zoo.training import (
+    EpochHook,
+    EpochReport,
+    PruneBeforeEpoch,
+    TrainConfig,
+    Trainer,
+    TrainingState,
+    cpu_state,
+    predict,
+    uses_sparse_gradients,
+)
 from rayjobs.cluster import init_private_ray
+from rayjobs.options import FlatCommand, command
 
 # Test hook: "EPOCH:MARKER" makes the last worker exit hard once, in that epoch, and
 # record it in the MARKER file (so the restarted attempt trains on).
@@ -54,65 +65,43 @@ MODEL_FILE, BEST_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "best.s
 
 
 class TrainJobConfig(BaseModel):
-    data: Path
-    out: Path
-    model: str = "dplr_fwfm"
-    dim: int = Field(default=16, ge=1)
-    rank: int = Field(default=2, ge=1, description="DPLR rank; for pruned_fwfm the matched rank")
-    sets: int = Field(default=2, ge=1, description="embedding sets of me_* models")
-    rafm_ranks: list[int] | None = None
-    rafm_thresholds: list[int] | None = None
-    prune_epoch: int | None = Field(default=None, ge=1, description="pruned_fwfm: prune before this epoch (default epochs // 2)")
+    """`rankstream train`: its flags are these fields, TrainConfig's and the model kind's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: Path = Field(description="a `rankstream prepare` or `rankstream synth` output")
+    out: Path = Field(description="the bundle directory")
+    model: ModelConfig = Field(default_factory=DPLRFwFMConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     workers: int = Field(default=2, ge=1)
-    cpus_per_worker: float = Field(default=0.5, gt=0)
-    device: str = Field(default="auto", pattern="^(auto|cpu|gpu)$")
-    address: str | None = None
-    num_cpus: int | None = Field(default=None, ge=1, description="CPUs of a local cluster started here")
-    ray_temp_dir: str | None = None
-    storage_path: Path | None = None
-    run_name: str | None = None
-    max_failures: int = Field(default=2, ge=0)
-    progress: bool = True
+    cpus_per_worker: float = Field(default=0.5, gt=0, description="fractional leaves CPU for Ray Data (2-core deadlock)")
+    device: Literal["auto", "cpu", "gpu"] = Field(default="auto", description="auto: GPU workers when the cluster has GPUs")
+    address: str | None = Field(default=None, description="an existing Ray cluster (default: RAY_ADDRESS, else a new local one)")
+    num_cpus: int | None = Field(default=None, ge=1, description="CPUs of the local cluster started when there is no --address")
+    ray_temp_dir: str | None = Field(default=None, description="temp dir of that local cluster (keep it short)")
+    storage_path: Path | None = Field(default=None, description="where Ray Train keeps results and checkpoints (default ~/ray_results)")
+    run_name: str | None = Field(default=None, description="Ray Train run name (default: unique; reusing one resumes that run)")
+    max_failures: int = Field(default=2, ge=0, description="worker-group restarts from the latest checkpoint")
+    progress: bool = Field(default=True, description="a line per epoch")
 
 
-class RunState(BaseModel):
+class RunState(TrainingState):
     """What a checkpoint carries besides tensors."""
 
-    next_epoch: int = 0
-    best_epoch: int = -1
-    best_valid: dict[str, float] = Field(default_factory=dict)
-    stale_epochs: int = 0
-    history: list[dict[str, Any]] = Field(default_factory=list)
     attempt_start_epochs: list[int] = Field(default_factory=list)
     test: dict[str, float] | None = None  # set once training has finished
 
 
 # -- the model -------------------------------------------------------------------------
-def model_options(job: TrainJobConfig, sparse: bool) -> dict[str, Any]:
-    """The job's model options that the model's constructor takes (the zoo grows)."""
-    kind = job.model
-    if kind not in KINDS:
-        raise ValueError(f"unknown model {kind!r}; choose one of {list(KINDS)}")
-    base = kind[3:] if kind.startswith("me_") else kind
-    accepted = inspect.signature(MODELS[base]).parameters
-    candidates = {
-        "rank": job.rank, "sparse": sparse,
-        "ranks": job.rafm_ranks or [job.dim], "thresholds": job.rafm_thresholds or [],
-    }  # fmt: skip
-    options = {name: value for name, value in candidates.items() if name in accepted}
-    if kind.startswith("me_"):
-        options["sets"] = job.sets
-    return options
-
-
-def prune_epoch(job: TrainJobConfig) -> int | None:
-    if job.model != "pruned_fwfm":
-        return None
-    epoch = job.prune_epoch if job.prune_epoch is not None else max(1, job.train.epochs // 2)
-    if epoch >= job.train.epochs:
+def epoch_hooks(job: TrainJobConfig) -> list[EpochHook]:
+    """The model's own phases: the pruned FwFM prunes before its prune epoch."""
+    if not isinstance(job.model, PrunedFwFMConfig):
+        return []
+    epochs = job.train.epochs
+    epoch = job.model.prune_epoch if job.model.prune_epoch is not None else max(1, epochs // 2)
+    if epoch >= epochs:
         raise ValueError(f"pruned_fwfm prunes before epoch {epoch}, so it needs more than {epoch} epochs")
-    return epoch
+    return [PruneBeforeEpoch(epoch, job.model.rank)]
 
 
 def feature_counts(directory: Path, schema: FeatureSchema) -> np.ndarray:
@@ -130,16 +119,10 @@ def feature_counts(directory: Path, schema: FeatureSchema) -> np.ndarray:
 
 def new_model(job: TrainJobConfig, schema: FeatureSchema, sparse: bool, counts: np.ndarray | None) -> RankingModel:
     torch.manual_seed(job.train.seed)  # every worker starts from the same weights
-    model = build_model(schema, job.model, job.dim, **model_options(job, sparse))
+    model = job.model.build(schema, sparse)
     if counts is not None:
         model.set_feature_counts(counts)
     return model
-
-
-def prune_in_place(model: PrunedFwFM, rank: int) -> None:
-    """Keep the matched number of largest |R_ij| (PrunedFwFM.from_fwfm's rule)."""
-    with torch.no_grad():
-        model.kept.copy_(PrunedFwFM.from_fwfm(model, rank).kept)
 
 
 # -- distributed helpers ---------------------------------------------------------------
@@ -167,14 +150,6 @@ def gather_rows(values: np.ndarray) -> np.ndarray:
     return torch.cat([part[: int(size.item())] for part, size in zip(parts, sizes)]).cpu().numpy()
 
 
-def sum_over_workers(values: list[float]) -> list[float]:
-    if not _distributed():
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(tensor)
-    return tensor.cpu().tolist()
-
-
 def evaluate_shard(model: RankingModel, shard: Any, batch_size: int, device: torch.device) -> dict[str, float]:
     """Metrics over the whole split: every worker predicts its shard, all rows are gathered."""
     schema = model.schema
@@ -186,10 +161,6 @@ def evaluate_shard(model: RankingModel, shard: Any, batch_size: int, device: tor
 
 
 # -- checkpoints -----------------------------------------------------------------------
-def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {key: value.detach().cpu().clone().contiguous() for key, value in model.state_dict().items()}
-
-
 def _optimizer_states(trainer: Trainer) -> list[dict[str, Any]]:
     """Optimizer state dicts without scratch buffers that are not tensors (the fused
     Adagrad rebuilds its numpy slot table on the next step)."""
@@ -204,23 +175,43 @@ def _optimizer_states(trainer: Trainer) -> list[dict[str, Any]]:
     return states
 
 
-def write_checkpoint(directory: Path, model: RankingModel, trainer: Trainer, best: dict[str, torch.Tensor], state: RunState) -> None:
-    save_file(_cpu_state(model), str(directory / MODEL_FILE))
-    save_file(best, str(directory / BEST_FILE))
+def write_checkpoint(directory: Path, trainer: Trainer, state: RunState) -> None:
+    save_file(cpu_state(trainer.model), str(directory / MODEL_FILE))
+    if state.stopping.best_weights is not None:
+        save_file(state.stopping.best_weights, str(directory / BEST_FILE))
     torch.save(_optimizer_states(trainer), directory / OPTIMIZER_FILE)
     (directory / STATE_FILE).write_text(state.model_dump_json(indent=2))
 
 
-def read_checkpoint(directory: Path, model: RankingModel, trainer: Trainer) -> tuple[dict[str, torch.Tensor], RunState]:
-    device = next(model.parameters()).device
-    model.load_state_dict(load_file(str(directory / MODEL_FILE), device=str(device)))
+def read_state(directory: Path) -> RunState:
+    state = RunState.model_validate_json((directory / STATE_FILE).read_text())
+    if (directory / BEST_FILE).is_file():
+        state.stopping.best_weights = load_file(str(directory / BEST_FILE))
+    return state
+
+
+def read_checkpoint(directory: Path, trainer: Trainer) -> RunState:
+    device = next(trainer.model.parameters()).device
+    trainer.model.load_state_dict(load_file(str(directory / MODEL_FILE), device=str(device)))
     for optimizer, state in zip(trainer.optimizers, torch.load(directory / OPTIMIZER_FILE, weights_only=True)):
         optimizer.load_state_dict(state)
-    best = load_file(str(directory / BEST_FILE))
-    return best, RunState.model_validate_json((directory / STATE_FILE).read_text())
+    return read_state(directory)
 
 
 # -- the worker loop -------------------------------------------------------------------
+class ReportToRayTrain(EpochHook):
+    """After each epoch: a progress line (rank 0), ``ray.train.report`` and a checkpoint."""
+
+    def __init__(self, trainer: Trainer, rank: int, world: int, progress: bool):
+        self.trainer, self.rank, self.world, self.progress = trainer, rank, world, progress
+
+    def after_epoch(self, report: EpochReport, improved: bool, model: RankingModel, state: TrainingState) -> None:
+        if self.rank == 0 and self.progress:
+            print(_epoch_line(report, self.trainer.config.epochs, state.stopping.metric, self.world), flush=True)
+        metrics = {"epoch": report.epoch, "train_loss": report.train_loss, **{f"valid_{k}": v for k, v in report.valid.items()}}
+        _report(self.rank, metrics, self.trainer, state)
+
+
 def train_loop(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -233,87 +224,39 @@ def train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     model = new_model(job, schema, config["sparse"], counts).to(device)
     trainer = Trainer(model, job.train, exchange=ShardedExchange(model) if world > 1 else None)
-    metric, higher_is_better = primary_metric(schema.task)
-    pruned_at = prune_epoch(job)
 
-    best = _cpu_state(model)
-    state = RunState()
+    state = RunState(stopping=trainer.new_state().stopping)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            best, state = read_checkpoint(Path(directory), model, trainer)
+            state = read_checkpoint(Path(directory), trainer)
     state.attempt_start_epochs.append(state.next_epoch)
 
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard, test_shard = ray.train.get_dataset_shard("valid"), ray.train.get_dataset_shard("test")
-    batch_size = job.train.batch_size
-    while state.test is None and state.next_epoch < job.train.epochs and state.stale_epochs < job.train.patience:
-        epoch = state.next_epoch
-        if pruned_at is not None and epoch == pruned_at:
-            prune_in_place(model, job.rank)
-        model.train()
-        trainer.phase_seconds = dict.fromkeys(trainer.phase_seconds, 0.0)
-        started = time.perf_counter()
-        loss_sum, samples, data_seconds, steps = 0.0, 0, 0.0, 0
-        sent_before = 0 if trainer.exchange is None else trainer.exchange.bytes_sent
+
+    def train_batches(epoch: int) -> Iterator[FeatureBatch]:
         # Arrow tables: list columns convert through their offsets, not row by row.
-        batches = train_shard.iter_batches(batch_size=batch_size, batch_format="pyarrow")
-        fetched = time.perf_counter()
-        for number, data in enumerate(batches):
-            batch = batch_from_table(schema, data).to(device)
-            data_seconds += time.perf_counter() - fetched
-            loss_sum += float(trainer.step(batch)) * len(batch)
-            samples += len(batch)
-            steps += 1
+        for number, data in enumerate(train_shard.iter_batches(batch_size=job.train.batch_size, batch_format="pyarrow")):
+            yield batch_from_table(schema, data).to(device)
             if number == 0:
                 _maybe_crash(config.get("crash"), epoch, rank, world)
-            fetched = time.perf_counter()
-        seconds = time.perf_counter() - started
-        trainer.whole_tables()  # for evaluation and the checkpoint
-        loss_sum, total = sum_over_workers([loss_sum, float(samples)])
-        valid = evaluate_shard(model, valid_shard, job.train.eval_batch_size, device)
-        record = {
-            "epoch": epoch, "train_loss": loss_sum / max(total, 1.0), "valid": valid, "seconds": seconds,
-            "samples": int(total), "samples_per_second": total / max(seconds, 1e-9),
-            "samples_per_second_per_worker": total / max(seconds, 1e-9) / world,
-            "phase_seconds": {"data": data_seconds, **trainer.phase_seconds}, "steps": steps,
-            "bytes_sent_per_step": 0.0 if trainer.exchange is None else (trainer.exchange.bytes_sent - sent_before) / max(steps, 1),
-        }
-        state.history.append(record)
-        eligible = pruned_at is None or epoch >= pruned_at
-        if eligible and _improves(valid.get(metric, float("nan")), state.best_valid.get(metric), higher_is_better):
-            state.best_epoch, state.best_valid, state.stale_epochs = epoch, valid, 0
-            best = _cpu_state(model)
-        elif eligible:
-            state.stale_epochs += 1
-        state.next_epoch = epoch + 1
-        if rank == 0 and job.progress:
-            print(_epoch_line(record, job.train.epochs, metric, world), flush=True)
-        _report(rank, {"epoch": epoch, "train_loss": record["train_loss"], **{f"valid_{k}": v for k, v in valid.items()}},
-                model, trainer, best, state)
 
     if state.test is None:
-        model.load_state_dict({key: value.to(device) for key, value in best.items()})
+        hooks = [*epoch_hooks(job), ReportToRayTrain(trainer, rank, world, job.progress)]
+        trainer.fit(train_batches, lambda: evaluate_shard(model, valid_shard, job.train.eval_batch_size, device), state, hooks)
         state.test = evaluate_shard(model, test_shard, job.train.eval_batch_size, device)
-        _report(rank, {"epoch": state.best_epoch, **{f"test_{k}": v for k, v in state.test.items()}}, model, trainer, best, state)
+        _report(rank, {"epoch": state.best_epoch, **{f"test_{k}": v for k, v in state.test.items()}}, trainer, state)
 
 
-def _improves(value: float, best: float | None, higher_is_better: bool) -> bool:
-    if np.isnan(value):
-        return best is None
-    if best is None or np.isnan(best):
-        return True
-    return value > best if higher_is_better else value < best
-
-
-def _report(rank: int, metrics: dict[str, Any], model: RankingModel, trainer: Trainer, best: dict[str, torch.Tensor], state: RunState) -> None:
+def _report(rank: int, metrics: dict[str, Any], trainer: Trainer, state: RunState) -> None:
     import ray.train
 
     if rank != 0:
         ray.train.report(metrics)  # every worker reports; rank 0's checkpoint holds the shared state
         return
     with tempfile.TemporaryDirectory(prefix="rankstream-ckpt-") as directory:
-        write_checkpoint(Path(directory), model, trainer, best, state)
+        write_checkpoint(Path(directory), trainer, state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
@@ -326,17 +269,16 @@ def _maybe_crash(spec: str | None, epoch: int, rank: int, world: int) -> None:
         os._exit(1)
 
 
-def _epoch_line(record: dict[str, Any], epochs: int, metric: str, world: int) -> str:
-    valid = record["valid"]
+def _epoch_line(report: EpochReport, epochs: int, metric: str, world: int) -> str:
+    valid = report.valid
     extra = ", ".join(f"{k} {v:.4f}" for k, v in valid.items() if k not in (metric, "rows"))
-    phases = record["phase_seconds"]
     return (
-        f"epoch {record['epoch'] + 1}/{epochs}: train loss {record['train_loss']:.4f}, "
+        f"epoch {report.epoch + 1}/{epochs}: train loss {report.train_loss:.4f}, "
         f"valid {metric} {valid.get(metric, float('nan')):.4f} ({extra}), "
-        f"{record['samples_per_second']:,.0f} samples/s on {world} worker(s) "
-        f"({record['samples_per_second_per_worker']:,.0f} per worker; rank 0 s: "
-        + ", ".join(f"{name} {seconds:.1f}" for name, seconds in phases.items())
-        + f"), {record['seconds']:.1f} s"
+        f"{report.samples_per_second:,.0f} samples/s on {world} worker(s) "
+        f"({report.samples_per_second_per_worker:,.0f} per worker; rank 0 s: "
+        + ", ".join(f"{name} {seconds:.1f}" for name, seconds in report.phase_seconds.items())
+        + f"), {report.seconds:.1f} s"
     )
 
 
@@ -386,9 +328,8 @@ def run_training(job: TrainJobConfig) -> Path:
     from ray.train.torch import TorchTrainer
 
     schema = load_schema(job.data)
-    model_options(job, sparse=False)
-    pruned_at = prune_epoch(job)
-    counts = feature_counts(job.data, schema) if job.model == "rafm" else None
+    epoch_hooks(job)
+    counts = feature_counts(job.data, schema) if job.model.kind == "rafm" else None
     connect_ray(job)
     use_gpu = job.device == "gpu" or (job.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     # NCCL all-reduces dense gradients only; one GPU worker keeps sparse ones.
@@ -401,7 +342,7 @@ def run_training(job: TrainJobConfig) -> Path:
     datasets["train"] = datasets["train"].randomize_block_order().map_batches(
         permute_rows, batch_size=None, batch_format="pyarrow"
     )
-    run_name = job.run_name or f"rankstream-train-{job.model}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    run_name = job.run_name or f"rankstream-train-{job.model.kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     resources = {"GPU": 1.0, "CPU": job.cpus_per_worker} if use_gpu else {"CPU": job.cpus_per_worker}
     trainer = TorchTrainer(
         train_loop,
@@ -423,12 +364,11 @@ def run_training(job: TrainJobConfig) -> Path:
     if result.error is not None:
         raise RuntimeError(f"training run {run_name} failed: {result.error}")
     with result.checkpoint.as_directory() as directory:
-        state = RunState.model_validate_json((Path(directory) / STATE_FILE).read_text())
-        best = load_file(str(Path(directory) / BEST_FILE))
+        state = read_state(Path(directory))
+    if state.stopping.best_weights is None:
+        raise RuntimeError(f"training run {run_name} kept no best epoch (epochs before {state.stopping.first_candidate_epoch} are warm-up)")
     model = new_model(job, schema, sparse=False, counts=counts)
-    model.load_state_dict(best)
-    if pruned_at is not None and state.best_epoch < pruned_at:
-        raise RuntimeError("pruned_fwfm kept no epoch after pruning")
+    model.load_state_dict(state.stopping.best_weights)
     return write_training_bundle(job, model, state, run_name)
 
 
@@ -439,7 +379,7 @@ def write_training_bundle(job: TrainJobConfig, model: RankingModel, state: RunSt
         "valid": state.best_valid,
         "test": state.test,
         "best_epoch": state.best_epoch,
-        "history": state.history,
+        "history": [report.model_dump() for report in state.history],
         "attempt_start_epochs": state.attempt_start_epochs,
         "information_abundance": {"per_field": per_field, "mean": float(np.mean(list(per_field.values()))), "per_set": per_set},
         "ray_train_run": run_name,
@@ -460,11 +400,11 @@ def plot_curves(state: RunState, metric: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [record["epoch"] + 1 for record in state.history]
+    epochs = [report.epoch + 1 for report in state.history]
     figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 4))
-    loss_axis.plot(epochs, [record["train_loss"] for record in state.history], marker="o")
+    loss_axis.plot(epochs, [report.train_loss for report in state.history], marker="o")
     loss_axis.set_title("training loss")
-    metric_axis.plot(epochs, [record["valid"].get(metric, np.nan) for record in state.history], marker="o")
+    metric_axis.plot(epochs, [report.valid.get(metric, np.nan) for report in state.history], marker="o")
     metric_axis.axvline(state.best_epoch + 1, color="gray", linestyle="--", label="best epoch (the bundle)")
     metric_axis.set_title(f"validation {metric} (whole split)")
     metric_axis.legend()
@@ -477,53 +417,13 @@ def plot_curves(state: RunState, metric: str, path: Path) -> None:
 
 
 # -- command line ----------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = TrainConfig()
-    parser.add_argument("--data", type=Path, required=True, help="a `rankstream prepare` or `rankstream synth` output")
-    parser.add_argument("--out", type=Path, required=True, help="the bundle directory")
-    parser.add_argument("--model", choices=KINDS, default="dplr_fwfm")
-    parser.add_argument("--dim", type=int, default=16, help="embedding size k")
-    parser.add_argument("--rank", type=int, default=2, help="DPLR rank ρ (pruned_fwfm: keep ρ(m+1) entries of R)")
-    parser.add_argument("--sets", type=int, default=2, help="embedding sets of me_* models")
-    parser.add_argument("--rafm-ranks", type=int, nargs="+", help="rafm: embedding size per frequency level (ends with --dim)")
-    parser.add_argument("--rafm-thresholds", type=int, nargs="+", help="rafm: training-count thresholds between levels")
-    parser.add_argument("--prune-epoch", type=int, help="pruned_fwfm: train as FwFM, prune before this epoch (default epochs // 2)")
-    parser.add_argument("--optimizer", choices=get_args(OptimizerName), default=defaults.optimizer)
-    parser.add_argument("--lr", "--learning-rate", dest="learning_rate", type=float, default=defaults.learning_rate)
-    parser.add_argument("--l2", type=float, default=defaults.l2, help="L2 coefficient on looked-up embedding rows")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per worker")
-    parser.add_argument("--eval-batch-size", type=int, default=defaults.eval_batch_size)
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--patience", type=int, default=defaults.patience, help="early stopping on the validation metric (AUC or MSE)")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--cpus-per-worker", type=float, default=0.5, help="fractional leaves CPU for Ray Data (2-core deadlock)")
-    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="auto: GPU workers when the cluster has GPUs")
-    parser.add_argument("--address", help="an existing Ray cluster (default: RAY_ADDRESS, else a new local one)")
-    parser.add_argument("--num-cpus", type=int, help="CPUs of the local cluster started when there is no --address")
-    parser.add_argument("--ray-temp-dir", help="temp dir of that local cluster (keep it short)")
-    parser.add_argument("--storage-path", type=Path, help="where Ray Train keeps results and checkpoints (default ~/ray_results)")
-    parser.add_argument("--run-name", help="Ray Train run name (default: unique; reusing one resumes that run)")
-    parser.add_argument("--max-failures", type=int, default=2, help="worker-group restarts from the latest checkpoint")
-    parser.add_argument("--no-progress", action="store_true")
+FLAGS = FlatCommand(
+    "Train", TrainJobConfig, sections={"train": TrainConfig}, kinds=("model", MODEL_CONFIGS, DEFAULT_KIND),
+)  # fmt: skip
 
 
-def job_from_args(args: argparse.Namespace) -> TrainJobConfig:
-    train = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, learning_rate=args.learning_rate,
-        l2=args.l2, patience=args.patience, eval_batch_size=args.eval_batch_size, seed=args.seed,
-    )  # fmt: skip
-    return TrainJobConfig(
-        data=args.data, out=args.out, model=args.model, dim=args.dim, rank=args.rank, sets=args.sets,
-        rafm_ranks=args.rafm_ranks, rafm_thresholds=args.rafm_thresholds, prune_epoch=args.prune_epoch, train=train,
-        workers=args.workers, cpus_per_worker=args.cpus_per_worker, device=args.device, address=args.address,
-        num_cpus=args.num_cpus, ray_temp_dir=args.ray_temp_dir, storage_path=args.storage_path,
-        run_name=args.run_name, max_failures=args.max_failures, progress=not args.no_progress,
-    )  # fmt: skip
-
-
-def handle(args: argparse.Namespace) -> int:
-    path = run_training(job_from_args(args))
+def handle(job: TrainJobConfig) -> int:
+    path = run_training(job)
     metrics = json.loads((path / "metrics.json").read_text())
     print(f"wrote bundle {path}: best epoch {metrics['best_epoch'] + 1}, valid {_short(metrics['valid'])}, test {_short(metrics['test'])}")
     return 0
@@ -535,8 +435,7 @@ def _short(metrics: dict[str, float]) -> str:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="train a model on Ray Train and write a bundle")
-    add_arguments(parser)
-    parser.set_defaults(func=handle)
+    command(parser, FLAGS, handle)
 
 
 if __name__ == "__main__":

@@ -25,13 +25,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from safetensors.torch import load_file, save_file
 
 from model_zoo.batch import FeatureBatch
@@ -39,39 +39,77 @@ from model_zoo.bundle import save_bundle
 from model_zoo.data.layout import VOCAB_DIR, load_schema
 from model_zoo.data.reader import load_split
 from model_zoo.metrics import primary_metric
+from model_zoo.model_config import CONFIG_BY_KIND, MODEL_CONFIG, FwFMConfig, PrunedFwFMConfig
 from model_zoo.models.base import RankingModel
-from model_zoo.models.fwfm import FwFM
 from model_zoo.models.pruned_fwfm import PrunedFwFM
-from model_zoo.registry import build_model
 from model_zoo.schema import FeatureSchema, Task
-from model_zoo.training import EpochReport, TrainConfig, evaluate, fit_in_memory, minibatches, uses_sparse_gradients
+from model_zoo.training import (
+    EpochHook,
+    EpochReport,
+    TrainConfig,
+    Trainer,
+    TrainingState,
+    cpu_state,
+    evaluate,
+    minibatches,
+    uses_sparse_gradients,
+)
 from rayjobs.bench_scoring import time_auction
 from rayjobs.cluster import init_private_ray
+from rayjobs.options import FlatCommand, command
 
-TUNABLE_KINDS = ("fm", "fwfm", "dplr_fwfm")  # pruned_fwfm needs a trained FwFM: see `experiment table1`
-RANKED_KINDS = ("dplr_fwfm", "pruned_fwfm")
+# pruned_fwfm needs a trained FwFM: see `experiment table1`.
+TunableKind = Literal["fm", "fwfm", "dplr_fwfm", "tensorfm"]
 WEIGHTS_FILE = "weights.safetensors"
 
 
-TRAIN_DEFAULTS = TrainConfig()
-
-
 class SweepSettings(BaseModel):
-    """Training settings every trial of a sweep shares (learning rate and L2 are swept);
-    the defaults are ``TrainConfig``'s."""
+    """What every trial of a sweep shares, and where it runs: the training settings
+    (each trial swaps in its own learning rate and L2) and the Ray cluster."""
 
-    epochs: int = Field(default=TRAIN_DEFAULTS.epochs, ge=1)
-    batch_size: int = Field(default=TRAIN_DEFAULTS.batch_size, ge=1)
-    optimizer: str = TRAIN_DEFAULTS.optimizer
-    patience: int = Field(default=TRAIN_DEFAULTS.patience, ge=1)
-    seed: int = 0
-    cpus_per_trial: float = Field(default=1.0, gt=0)
+    model_config = ConfigDict(extra="forbid")
+
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    cpus_per_trial: float = Field(default=1.0, gt=0, description="trials run at once = cluster CPUs / this")
+    address: str | None = Field(default=None, description="an existing Ray cluster (default: $RAY_ADDRESS, else a private local Ray)")
+    num_cpus: int | None = Field(default=None, ge=1, description="CPUs of the local Ray (default: all)")
 
     def train_config(self, learning_rate: float, l2: float) -> TrainConfig:
-        return TrainConfig(
-            epochs=self.epochs, batch_size=self.batch_size, optimizer=self.optimizer, learning_rate=learning_rate,
-            l2=l2, patience=self.patience, seed=self.seed,
-        )  # fmt: skip
+        return self.train.model_copy(update={"learning_rate": learning_rate, "l2": l2})
+
+
+OrderSet = Annotated[str, StringConstraints(pattern=r"^[0-9]+(\+[0-9]+)*$")]  # "2+3": orders 2 and 3
+# The flags of a sweep: learning rate and L2 are searched, not set.
+SWEPT = ("learning_rate", "l2")
+
+
+class TuneJob(SweepSettings):
+    """`rankstream tune`: the search space and the sweep settings."""
+
+    data: Path = Field(description="a prepared dataset (rankstream prepare / synth)")
+    out: Path = Field(description="output directory")
+    kinds: list[TunableKind] = Field(default=["dplr_fwfm"], min_length=1, description="model kinds")
+    ranks: list[int] = Field(default=[1, 2, 3, 4, 5], min_length=1, description="DPLR ranks; tensorfm: the CP rank of each order")
+    dims: list[int] = Field(default=[8, 16, 32], min_length=1, description="embedding sizes k")
+    orders: list[OrderSet] = Field(default=["2", "2+3"], min_length=1, description="tensorfm: interaction-order sets, orders joined by +")
+    lr_min: float = Field(default=1e-3, gt=0)
+    lr_max: float = Field(default=0.2, gt=0)
+    l2_min: float = Field(default=0.01, gt=0, description="L2 on looked-up embedding rows, swept log-uniformly")
+    l2_max: float = Field(default=1.0, gt=0)
+    samples: int = Field(default=1, ge=1, description="learning rates drawn per architecture")
+    items: int = Field(default=1000, ge=1, description="items per auction when timing the scoring cost")
+
+    @property
+    def order_sets(self) -> list[list[int]]:
+        return [[int(order) for order in orders.split("+")] for orders in self.orders]
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "TuneJob":
+        if self.lr_min > self.lr_max:
+            raise ValueError("need --lr-min <= --lr-max")
+        if self.l2_min > self.l2_max:
+            raise ValueError("need --l2-min <= --l2-max")
+        return self
 
 
 class TrialRecord(BaseModel):
@@ -81,6 +119,7 @@ class TrialRecord(BaseModel):
     kind: str
     dim: int
     rank: int | None
+    model: dict[str, Any] = Field(default_factory=dict)  # the trial's model configuration (model_zoo.model_config)
     learning_rate: float
     l2: float
     epochs_run: int
@@ -110,36 +149,47 @@ def load_splits(directory: str | Path) -> Splits:
     return Splits(load_schema(directory), *(load_split(directory, split) for split in ("train", "valid", "test")))
 
 
-def architectures(kinds: list[str], dims: list[int], ranks: list[int]) -> list[dict[str, Any]]:
-    """(kind, dim, rank) combinations; kinds without a rank appear once per dim."""
-    return [
-        {"kind": kind, "dim": dim, "rank": rank}
-        for kind in kinds
-        for dim in dims
-        for rank in (ranks if kind in RANKED_KINDS else [None])
-    ]
+def architectures(kinds: list[str], dims: list[int], ranks: list[int], orders: list[list[int]] = ((2,),)) -> list[dict[str, Any]]:
+    """The model configurations of a search space: each kind per dim; a kind with a rank
+    (DPLR, pruned FwFM) per rank; tensorFM per order set and CP rank (the same for each order)."""
+    configs = []
+    for kind in kinds:
+        config = CONFIG_BY_KIND[kind]
+        if "rank" in config.model_fields:
+            variants = [{"rank": rank} for rank in ranks]
+        elif "cp_ranks" in config.model_fields:
+            variants = [{"orders": list(o), "cp_ranks": [rank] * len(o)} for o in orders for rank in ranks]
+        else:
+            variants = [{}]
+        configs += [config(dim=dim, **variant).model_dump(mode="json") for dim in dims for variant in variants]
+    return configs
+
+
+def describe(arch: dict[str, Any]) -> str:
+    """``kind k=… option=…`` of a model configuration."""
+    options = " ".join(f"{k}={v}" for k, v in arch.items() if k not in ("model", "dim"))
+    return f"{arch['model']} k={arch['dim']} {options}".strip()
 
 
 def build_trial_model(
-    schema: FeatureSchema, kind: str, dim: int, rank: int | None, sparse: bool = False,
-    fwfm_state: dict[str, torch.Tensor] | None = None,
+    schema: FeatureSchema, arch: dict[str, Any], sparse: bool = False, fwfm_state: dict[str, torch.Tensor] | None = None,
 ) -> RankingModel:
     """A fresh model; a pruned FwFM prunes the trained FwFM whose weights are given."""
-    if kind == "pruned_fwfm":
+    config = MODEL_CONFIG.validate_python(arch)
+    if isinstance(config, PrunedFwFMConfig):
         if fwfm_state is None:
             raise ValueError("pruned_fwfm prunes a trained FwFM: its weights are required")
-        fwfm = FwFM(schema, dim, sparse=sparse)
+        fwfm = FwFMConfig(dim=config.dim).build(schema, sparse)
         fwfm.load_state_dict(fwfm_state)
-        return PrunedFwFM.from_fwfm(fwfm, rank or 1)
-    return build_model(schema, kind, dim, sparse=sparse, **({"rank": rank} if kind in RANKED_KINDS else {}))
+        return PrunedFwFM.from_fwfm(fwfm, config.rank)
+    return config.build(schema, sparse)
 
 
 def load_trial_model(schema: FeatureSchema, record: TrialRecord) -> RankingModel:
     """A trial's best weights (its checkpoint) in an inference model."""
     if record.checkpoint is None:
         raise ValueError(f"trial {record.trial_id} has no checkpoint")
-    options = {"rank": record.rank} if record.kind in RANKED_KINDS else {}
-    model = build_model(schema, record.kind, record.dim, **options)
+    model = MODEL_CONFIG.validate_python(record.model).build(schema)
     model.load_state_dict(load_file(str(Path(record.checkpoint) / WEIGHTS_FILE)))
     return model.eval()
 
@@ -168,53 +218,57 @@ def train_trial(
     torch.set_num_threads(max(1, int(settings.cpus_per_trial)))
     arch = config["arch"]
     train_config = settings.train_config(config["learning_rate"], config["l2"])
-    torch.manual_seed(settings.seed)
+    torch.manual_seed(train_config.seed)
     model = build_trial_model(
-        splits.schema, arch["kind"], arch["dim"], arch["rank"], sparse=uses_sparse_gradients(train_config.optimizer),
-        fwfm_state=fwfm_states.get(arch["dim"]) if arch["kind"] == "pruned_fwfm" else None,
+        splits.schema, arch, sparse=uses_sparse_gradients(train_config.optimizer),
+        fwfm_state=fwfm_states.get(arch["dim"]) if arch["model"] == "pruned_fwfm" else None,
     )  # fmt: skip
-    metric, higher_is_better = primary_metric(splits.schema.task)
     parameters = parameter_count(model)
-    best: dict[str, Any] = {}
+    trainer = Trainer(model, train_config)
+    state = trainer.new_state()
+    test: dict[str, float] = {}
     initial: dict[str, float] = {}
 
-    def report(epoch: int, valid: dict[str, float], extra: dict[str, float]) -> None:
-        value = valid[metric]
-        improved = not best or (
-            not np.isnan(value) and (value > best["valid"][metric] if higher_is_better else value < best["valid"][metric])
-        )
+    def report(epoch: int, valid: dict[str, float], improved: bool, extra: dict[str, float]) -> None:
         metrics = {
             "epoch": epoch, "parameters": parameters, **{f"valid_{k}": v for k, v in valid.items()}, **extra, **initial
         }  # fmt: skip
         if not improved:
-            ray.tune.report({**metrics, **_best_columns(best)})
+            ray.tune.report({**metrics, **_best_columns(state, test)})
             return
-        best.update(epoch=epoch, valid=valid, test=evaluate(model, minibatches(splits.test, train_config.eval_batch_size)))
+        test.clear()
+        test.update(evaluate(model, minibatches(splits.test, train_config.eval_batch_size)))
         with tempfile.TemporaryDirectory() as directory:
-            state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-            save_file(state, str(Path(directory) / WEIGHTS_FILE))
-            ray.tune.report(
-                {**metrics, **_best_columns(best)},
-                checkpoint=ray.tune.Checkpoint.from_directory(directory),
-            )
+            save_file(cpu_state(model), str(Path(directory) / WEIGHTS_FILE))
+            ray.tune.report({**metrics, **_best_columns(state, test)}, checkpoint=ray.tune.Checkpoint.from_directory(directory))
 
-    if arch["kind"] == "pruned_fwfm":
-        report(0, evaluate(model, minibatches(splits.valid, train_config.eval_batch_size)), {})
-        initial.update({f"initial_valid_{k}": v for k, v in best["valid"].items()})
-        initial.update({f"initial_test_{k}": v for k, v in best["test"].items()})
+    def validate() -> dict[str, float]:
+        return evaluate(model, minibatches(splits.valid, train_config.eval_batch_size))
 
-    def on_epoch(epoch_report: EpochReport) -> None:
-        extra = {"train_loss": epoch_report.train_loss, "samples_per_second": epoch_report.samples_per_second}
-        report(epoch_report.epoch + 1, epoch_report.valid, extra)
+    if arch["model"] == "pruned_fwfm":  # the model as cut competes (loop epoch -1, Tune's epoch 0)
+        valid = validate()
+        state.stopping.first_candidate_epoch = -1
+        report(0, valid, state.stopping.observe(-1, valid, model), {})
+        initial.update({f"initial_valid_{k}": v for k, v in valid.items()})
+        initial.update({f"initial_test_{k}": v for k, v in test.items()})
 
-    fit_in_memory(model, train_config, splits.train, splits.valid, on_epoch)
+    class ReportToTune(EpochHook):
+        def after_epoch(self, epoch_report: EpochReport, improved: bool, model: RankingModel, state: TrainingState) -> None:
+            extra = {"train_loss": epoch_report.train_loss, "samples_per_second": epoch_report.samples_per_second}
+            report(epoch_report.epoch + 1, epoch_report.valid, improved, extra)
+
+    trainer.fit(
+        lambda epoch: minibatches(splits.train, train_config.batch_size, seed=train_config.seed * 1000 + epoch),
+        validate, state, [ReportToTune()],
+    )  # fmt: skip
 
 
-def _best_columns(best: dict[str, Any]) -> dict[str, float]:
+def _best_columns(state: TrainingState, test: dict[str, float]) -> dict[str, float]:
+    """Tune's epochs count the model before training (a pruned FwFM as cut) as 0."""
     return {
-        "best_epoch": best["epoch"],
-        **{f"best_valid_{k}": v for k, v in best["valid"].items()},
-        **{f"test_{k}": v for k, v in best["test"].items()},
+        "best_epoch": state.best_epoch + 1,
+        **{f"best_valid_{k}": v for k, v in state.best_valid.items()},
+        **{f"test_{k}": v for k, v in test.items()},
     }
 
 
@@ -254,7 +308,7 @@ def run_trials(
         tune.with_parameters(train_trial, splits=splits, settings=settings, fwfm_states=fwfm_states or {}),
         {"cpu": settings.cpus_per_trial},
     )
-    scheduler = ASHAScheduler(max_t=settings.epochs, grace_period=1, reduction_factor=2) if asha else None
+    scheduler = ASHAScheduler(max_t=settings.train.epochs, grace_period=1, reduction_factor=2) if asha else None
     # Keeping one checkpoint per trial forces a state snapshot per checkpoint; Tune warns
     # about that on every fast trial, and it is cheap here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -281,9 +335,9 @@ def run_trials(
         epochs_run, best_epoch = int(metrics["epoch"]), int(metrics["best_epoch"])
         records.append(
             TrialRecord(
-                trial_id=metrics["trial_id"], kind=arch["kind"], dim=arch["dim"], rank=arch["rank"],
+                trial_id=metrics["trial_id"], kind=arch["model"], dim=arch["dim"], rank=arch.get("rank"), model=arch,
                 learning_rate=result.config["learning_rate"], l2=result.config["l2"], epochs_run=epochs_run,
-                best_epoch=best_epoch, hit_epoch_cap=epochs_run >= settings.epochs and best_epoch == epochs_run,
+                best_epoch=best_epoch, hit_epoch_cap=epochs_run >= settings.train.epochs and best_epoch == epochs_run,
                 valid=_prefixed(metrics, "best_valid_"), test=_prefixed(metrics, "test_"),
                 initial_valid=_prefixed(metrics, "initial_valid_"), initial_test=_prefixed(metrics, "initial_test_"),
                 parameters=int(metrics["parameters"]),
@@ -293,7 +347,7 @@ def run_trials(
     capped = [r for r in records if r.hit_epoch_cap]
     for record in capped:
         print(f"trial {record.trial_id} ({record.kind} k={record.dim} lr={record.learning_rate:.4g} l2={record.l2:.4g}) "
-              f"was still improving at the epoch cap ({settings.epochs}): raise --epochs")  # fmt: skip
+              f"was still improving at the epoch cap ({settings.train.epochs}): raise --epochs")  # fmt: skip
     return records
 
 
@@ -303,10 +357,9 @@ def trial_lines(metric: str) -> Any:
 
     class TrialLines(Callback):
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            arch, result = trial.config["arch"], trial.last_result
-            rank = "" if arch["rank"] is None else f" rank {arch['rank']}"
+            result = trial.last_result
             print(
-                f"trial {trial.trial_id}: {arch['kind']} k={arch['dim']}{rank} lr={trial.config['learning_rate']:.4g} "
+                f"trial {trial.trial_id}: {describe(trial.config['arch'])} lr={trial.config['learning_rate']:.4g} "
                 f"l2={trial.config['l2']:.4g}: "
                 f"best valid {metric} {result.get(f'best_valid_{metric}', float('nan')):.4f} at epoch "
                 f"{result.get('best_epoch')} of {result.get('epoch')}",
@@ -364,7 +417,9 @@ def write_table(records: list[TrialRecord], task: Task, path_stem: Path) -> None
     metric_names = ("auc", "logloss") if task == Task.binary else ("mse", "rmse")
     rows = [
         {
-            "trial_id": r.trial_id, "kind": r.kind, "dim": r.dim, "rank": r.rank, "learning_rate": r.learning_rate,
+            "trial_id": r.trial_id, "kind": r.kind, "dim": r.dim, "rank": r.rank,
+            "options": ", ".join(f"{k}={v}" for k, v in r.model.items() if k not in ("model", "dim", "rank")),
+            "learning_rate": r.learning_rate,
             "l2": r.l2, "epochs_run": r.epochs_run, "best_epoch": r.best_epoch, "hit_epoch_cap": r.hit_epoch_cap,
             **{f"valid_{m}": r.valid.get(m) for m in metric_names}, **{f"test_{m}": r.test.get(m) for m in metric_names},
             "parameters": r.parameters, "scoring_us_per_item": r.scoring_us_per_item, "pareto": r.pareto,
@@ -415,36 +470,25 @@ def plot_front(records: list[TrialRecord], metric: str, path: Path) -> None:
     plt.close(figure)
 
 
-def run_tune(args: argparse.Namespace) -> int:
-    unknown = sorted(set(args.kinds) - set(TUNABLE_KINDS))
-    if unknown:
-        raise ValueError(f"unknown kinds {unknown}; choose from {list(TUNABLE_KINDS)}")
-    if not 0 < args.lr_min <= args.lr_max:
-        raise ValueError("need 0 < --lr-min <= --lr-max")
-    if not 0 < args.l2_min <= args.l2_max:
-        raise ValueError("need 0 < --l2-min <= --l2-max")
+def run_tune(job: TuneJob) -> int:
     started = time.perf_counter()
-    out = Path(args.out)
+    out = job.out
     out.mkdir(parents=True, exist_ok=True)
-    splits = load_splits(args.data)
-    settings = SweepSettings(
-        epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, patience=args.patience,
-        seed=args.seed, cpus_per_trial=args.cpus_per_trial,
-    )  # fmt: skip
+    splits = load_splits(job.data)
     from ray import tune
 
     param_space = {
-        "arch": tune.grid_search(architectures(args.kinds, args.dims, args.ranks)),
-        "learning_rate": tune.loguniform(args.lr_min, args.lr_max),
-        "l2": tune.loguniform(args.l2_min, args.l2_max),
+        "arch": tune.grid_search(architectures(job.kinds, job.dims, job.ranks, job.order_sets)),
+        "learning_rate": tune.loguniform(job.lr_min, job.lr_max),
+        "l2": tune.loguniform(job.l2_min, job.l2_max),
     }
-    with ray_session(args.address, args.num_cpus):
+    with ray_session(job.address, job.num_cpus):
         records = run_trials(
-            splits, settings, param_space, storage=out / "ray_results", name="tune", num_samples=args.samples, asha=True
+            splits, job, param_space, storage=out / "ray_results", name="tune", num_samples=job.samples, asha=True
         )
     metric, higher_is_better = primary_metric(splits.schema.task)
     for record in records:
-        record.scoring_us_per_item = scoring_cost_us(load_trial_model(splits.schema, record), splits, args.items)
+        record.scoring_us_per_item = scoring_cost_us(load_trial_model(splits.schema, record), splits, job.items)
     front = pareto_front([r.scoring_us_per_item for r in records], [r.valid[metric] for r in records], higher_is_better)
     for record, on_front in zip(records, front):
         record.pareto = on_front
@@ -453,12 +497,12 @@ def run_tune(args: argparse.Namespace) -> int:
     write_table(sorted((r for r in records if r.pareto), key=lambda r: r.scoring_us_per_item), splits.schema.task, out / "pareto")
     plot_front(records, metric, out / "pareto.png")
     best = records[0]
-    vocabulary = Path(args.data) / VOCAB_DIR
+    vocabulary = job.data / VOCAB_DIR
     save_bundle(
         out / "best_bundle", load_trial_model(splits.schema, best), name=f"tune-{best.trial_id}",
         vocabulary_dir=vocabulary if vocabulary.is_dir() else None,
         metrics={"valid": best.valid, "test": best.test, "best_epoch": best.best_epoch},
-        train_config={**settings.train_config(best.learning_rate, best.l2).model_dump(), "trial_id": best.trial_id},
+        train_config={**job.train_config(best.learning_rate, best.l2).model_dump(), "trial_id": best.trial_id},
     )  # fmt: skip
     (out / "summary.json").write_text(
         json.dumps({"best": best.model_dump(), "trials": len(records), "seconds": time.perf_counter() - started}, indent=2)
@@ -473,38 +517,12 @@ def run_tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options every Ray Tune command shares."""
-    parser.add_argument("--address", help="an existing Ray cluster (default: $RAY_ADDRESS, else a private local Ray)")
-    parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
-    parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="trials run at once = cluster CPUs / this")
-    parser.add_argument("--epochs", type=int, default=TRAIN_DEFAULTS.epochs, help="most epochs per trial")
-    parser.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS.batch_size)
-    parser.add_argument("--optimizer", choices=["adagrad", "sparse_adam", "adam", "sgd"], default=TRAIN_DEFAULTS.optimizer)
-    parser.add_argument("--patience", type=int, default=TRAIN_DEFAULTS.patience,
-                        help="epochs without validation improvement before stopping")
-    parser.add_argument("--seed", type=int, default=0)
-
-
-def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--data", required=True, help="a prepared dataset (rankstream prepare / synth)")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--kinds", nargs="+", default=["dplr_fwfm"], help=f"models from {list(TUNABLE_KINDS)}")
-    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3, 4, 5])
-    parser.add_argument("--dims", type=int, nargs="+", default=[8, 16, 32])
-    parser.add_argument("--lr-min", type=float, default=1e-3)
-    parser.add_argument("--lr-max", type=float, default=0.2)
-    parser.add_argument("--l2-min", type=float, default=0.01, help="L2 on looked-up embedding rows, swept log-uniformly")
-    parser.add_argument("--l2-max", type=float, default=1.0)
-    parser.add_argument("--samples", type=int, default=1, help="learning rates drawn per (kind, dim, rank)")
-    parser.add_argument("--items", type=int, default=1000, help="items per auction when timing the scoring cost")
-    add_ray_arguments(parser)
-    parser.set_defaults(func=run_tune)
-    return parser
+FLAGS = FlatCommand("Tune", TuneJob, sections={"train": TrainConfig}, exclude=SWEPT)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    build_parser(subparsers.add_parser("tune", help="Ray Tune sweep: rank × dim × lr × L2, ASHA, Pareto front, best bundle"))
+    parser = subparsers.add_parser("tune", help="Ray Tune sweep: rank × dim × lr × L2, ASHA, Pareto front, best bundle")
+    command(parser, FLAGS, run_tune)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from ray.train import TrainingFailedError
 from model_zoo.bundle import load_bundle
 from model_zoo.data.reader import iter_batches
 from model_zoo.data.synth import SynthConfig, write_synthetic
+from model_zoo.model_config import DPLRFwFMConfig, TensorFMConfig
 from model_zoo.synthetic import PlantedConfig
 from model_zoo.training import TrainConfig, evaluate
 from rayjobs.cli import main
@@ -51,7 +52,7 @@ def local_ray():
 
 def job(data: Path, tmp_path: Path, **train) -> TrainJobConfig:
     return TrainJobConfig(
-        data=data, out=tmp_path / "bundle", model="dplr_fwfm", dim=8, rank=2, workers=2, cpus_per_worker=0.5,
+        data=data, out=tmp_path / "bundle", model=DPLRFwFMConfig(dim=8, rank=2), workers=2, cpus_per_worker=0.5,
         storage_path=tmp_path / "runs", max_failures=1,
         # l2=0: these few-epoch checks were sized for the unregularised loss.
         train=TrainConfig(batch_size=256, learning_rate=0.2, l2=0.0, **train),
@@ -149,3 +150,18 @@ def test_bad_arguments_fail_before_ray_starts(planted, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         "rankstream train: error: pruned_fwfm prunes before epoch 1, so it needs more than 1 epochs"
     )
+
+
+def test_the_command_line_trains_tensorfm_with_its_orders_and_cp_ranks(planted, local_ray, tmp_path):
+    data, _ = planted
+    out = tmp_path / "tensorfm"
+    assert main([
+        "train", "--data", str(data), "--out", str(out), "--model", "tensorfm", "--orders", "2", "3", "--cp-ranks", "2", "1",
+        "--dim", "4", "--epochs", "1", "--batch-size", "1024", "--workers", "1", "--storage-path", str(tmp_path / "runs"),
+        "--no-progress",
+    ]) == 0  # fmt: skip
+    bundle = load_bundle(out)
+    assert bundle.config["model"] == {"kind": "tensorfm", "dim": 4, "orders": [2, 3], "cp_ranks": [2, 1], "factor_init": "fm"}
+    assert bundle.config["train"]["model"] == {"model": "tensorfm", "dim": 4, "orders": [2, 3], "cp_ranks": [2, 1], "factor_init": "fm"}
+    assert TrainJobConfig.model_validate({**bundle.config["train"], "out": out}).model == TensorFMConfig(dim=4, cp_ranks=[2, 1])
+    assert bundle.metrics["valid"]["auc"] > 0.6
