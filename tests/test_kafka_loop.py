@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import pytest
 from confluent_kafka import KafkaError, KafkaException
 
+from serve_app import kafka_loop
 from serve_app.kafka_loop import KafkaLoop
 from serve_app.runtime import BatchReport, Reply
 from streaming.kafka_config import KafkaClientConfig, TopicNames
@@ -188,21 +189,19 @@ def test_a_gap_that_stays_is_accepted_after_bounded_refetches() -> None:
     assert broker.committed == {("auctions", 0): 11}
 
 
-def test_a_new_replica_count_releases_partitions_after_committing_what_was_answered() -> None:
+def test_a_new_replica_count_releases_partitions_after_committing_what_was_answered(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kafka_loop, "ASSIGNMENT_REFRESH_S", 0.01)
     broker = new_broker(auctions=8, partitions=2)
     replicas = [1]
     consumer = FakeConsumer(broker, answered_by)
-    done = lambda: every_auction_answered_once(broker)  # noqa: E731
-    loop = KafkaLoop(
-        KafkaClientConfig(bootstrap_servers="unused:9092"), TOPICS, "group", 8, fake_score, lambda lag: None,
-        lambda: (0, replicas[0]), clients=lambda: (consumer, FakeProducer(broker)),
-    )
-    loop.start()
-    while not done() and loop.is_alive():
-        time.sleep(0.005)
-    replicas[0] = 2
-    loop._assign(consumer, {})  # what the loop does every ASSIGNMENT_REFRESH_S
-    assert [(p.topic, p.partition) for p in consumer.assignment()] == [("auctions", 0)]
-    loop.stop()
-    assert loop.error is None and done() and broker.early_commits == []
-    assert broker.committed[("auctions", 1)] == 4
+    assigned = lambda: [(p.topic, p.partition) for p in consumer.assignment()]  # noqa: E731
+
+    def membership() -> tuple[int, int]:
+        if every_auction_answered_once(broker):
+            replicas[0] = 2  # scaled to two replicas once everything was answered
+        return 0, replicas[0]
+
+    run_loop(broker, consumer, FakeProducer(broker), lambda: assigned() == [("auctions", 0)], membership)
+    assert assigned() == [("auctions", 0)]
+    assert every_auction_answered_once(broker) and broker.early_commits == []
+    assert broker.committed[("auctions", 1)] == 4  # committed before it was given up
