@@ -125,6 +125,9 @@ class KafkaLoop(threading.Thread):
         self.uncommitted = 0  # answered messages not yet in a commit
         self.reply_partitions: dict[str, list[int]] = {}
         self.rank, self.replicas = 0, 1  # as of the last assignment
+        # The partitions assigned, kept here: librdkafka's assignment() is a round trip to
+        # its main thread, too slow to ask before every poll.
+        self.assigned: set[int] = set()
         self.batches = 0
         self.retried_sends = 0  # records sent again after a transient failure
         self.refetches = 0  # partitions sought back to the offset before a jump
@@ -175,13 +178,13 @@ class KafkaLoop(threading.Thread):
                 if time.monotonic() - assignment_refreshed > ASSIGNMENT_REFRESH_S:
                     self._assign(consumer, flushed)
                     assignment_refreshed = time.monotonic()
-                polled = self._poll(consumer) if consumer.assignment() else {}
+                polled = self._poll(consumer) if self.assigned else {}
                 polled = self._take_contiguous(consumer, polled, flushed)
                 if polled:
                     answered = self._process(consumer, producer, polled)
                     flushed.update(answered)
                     self.uncommitted += sum(len(polled[partition]) for partition in answered)
-                elif not consumer.assignment():
+                elif not self.assigned:
                     time.sleep(POLL_TIMEOUT_S)  # more replicas than partitions: this one idles
                 if self.uncommitted and time.monotonic() - committed_at > COMMIT_INTERVAL_S:
                     # Commits of one partition are in order; one that fails leaves its
@@ -214,12 +217,13 @@ class KafkaLoop(threading.Thread):
         self.reply_partitions.clear()  # re-read: topics may have grown
         self.rank, self.replicas = self.membership()
         wanted = {p for p in metadata.partitions if p % self.replicas == self.rank}
-        if wanted != {partition.partition for partition in consumer.assignment()}:
+        if wanted != self.assigned:
             self._commit(consumer, flushed)  # what this replica answered is not scored again by the next owner
             for partition in flushed.keys() - wanted:
                 del flushed[partition]  # never commit over the next owner's offsets
             # Without an offset, each partition starts at the group's committed offset.
             consumer.assign([TopicPartition(auctions, p) for p in sorted(wanted)])
+            self.assigned = wanted
             logger.info("replica %d of %d reads partitions %s", self.rank, self.replicas, sorted(wanted))
 
     def _poll(self, consumer: Any) -> dict[int, list[Any]]:
