@@ -1,5 +1,7 @@
 """The Kafka side of a scorer replica: one consumer thread, committing to the scorers'
-consumer group.
+consumer group. The clients are librdkafka's (confluent-kafka), like the load
+generator's: for the same traffic kafka-python's consumer and producer cost the
+replica several times the CPU (docs/protocol.md has the measurement).
 
 Partitions are assigned statically: replica r of N reads partitions p with p mod N = r
 (Serve keeps ranks 0..N-1 stable: a replacement replica takes the rank of the one it
@@ -14,12 +16,12 @@ Per poll (the confluent-kafka examples' shape: poll, process, send, confirm, the
 commit): take each partition's records up to any offset jump (``_take_contiguous``),
 score them (``score`` uses one model for a whole batch, so a hot reload swaps models
 between batches, never inside one), address each reply (a refused ``reply_to`` becomes
-a dead letter), send, ``flush`` and check every send's result (kafka-python's flush
-does not raise for failed records): a transient failure is sent again after a backoff,
-the batch's offsets not advanced meanwhile; a reply the broker refuses for good (too
-large, not authorized, topic gone) becomes a dead letter instead. Only offsets of
-batches whose every reply or dead letter the broker acknowledged are committed
-(asynchronously, at most every ``COMMIT_INTERVAL_S``, so the next batch is scored
+a dead letter), produce, ``flush`` and check every delivery report: a transient failure
+is sent again after a backoff, the batch's offsets not advanced meanwhile; a reply the
+broker refuses for good (too large, not authorized, topic gone) becomes a dead letter
+instead. Only offsets of batches whose every reply or dead letter the broker
+acknowledged are committed (auto-commit and auto offset store are off; commits are
+asynchronous, at most every ``COMMIT_INTERVAL_S``, so the next batch is scored
 meanwhile) — at-least-once: a crash before the commit makes the replacement score
 those batches again, never lose them.
 """
@@ -34,8 +36,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from kafka.errors import KafkaError, KafkaTimeoutError, UnknownTopicOrPartitionError
-from kafka.structs import OffsetAndMetadata, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from serve_app.runtime import BatchReport, Reply
 from streaming.kafka_config import FETCH_MAX_WAIT_MS, KafkaClientConfig, TopicNames
@@ -43,17 +44,22 @@ from streaming.protocol import ProtocolError, Reason, decode_error, encode_error
 
 logger = logging.getLogger("ray.serve")  # the replica's log file and the dashboard's log view
 
+POLL_TIMEOUT_S = 0.1  # poll returns as soon as a record is there; this only paces an idle loop
 LAG_REFRESH_S = 1.0
 ASSIGNMENT_REFRESH_S = 5.0
 TOPICS_REFRESH_S = 1.0  # the broker's topic list, re-read at most this often for an unknown reply_to
-REPLY_LINGER_MS = 100
+METADATA_TIMEOUT_S = 10.0
 # Each commit is a broker request; committing per poll batch (hundreds a second) costs
 # the broker CPU that the fetches need. A crash re-scores at most this much more.
 COMMIT_INTERVAL_S = 0.2
-REPLY_BATCH_BYTES = 256 * 1024  # well under the broker's default 1 MB message.max.bytes
-# A send waits at most this long for topic metadata or buffer space (kafka-python's
-# default, 60 s, stalled every partition of the replica on one unknown reply topic).
-MAX_BLOCK_MS = 5_000
+# librdkafka retries a failed produce by itself until this timeout, then reports the
+# failure; the loop then backs off and sends again (an unbounded timeout would hold
+# the batch, and the loop's stop, for as long as a broker outage lasts).
+DELIVERY_TIMEOUT_MS = 5_000
+# A reply_to topic deleted after its existence was checked fails this soon (librdkafka
+# waits 30 s by default for a topic to appear).
+TOPIC_PROPAGATION_MS = 1_000
+FLUSH_SLICE_S = 0.5  # flush in slices, so that a stop is seen while deliveries are pending
 RETRY_BACKOFF_S = 0.1  # first pause before sending failed records again; doubled up to MAX_RETRY_BACKOFF_S
 MAX_RETRY_BACKOFF_S = 5.0
 # Re-fetches of a partition whose offsets jumped before the jump is accepted: the
@@ -61,7 +67,20 @@ MAX_RETRY_BACKOFF_S = 5.0
 # legitimate gaps (transaction markers, compacted topics) that re-fetching cannot fill.
 GAP_REFETCHES = 3
 
-Clients = tuple[Any, Any]  # (consumer, producer) with kafka-python's interfaces
+# Delivery failures that sending again can cure: the broker unreachable, moving, slow.
+# Any other error (record too large, invalid topic, not authorized...) is for good.
+TRANSIENT_ERRORS = frozenset({
+    KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN,
+    KafkaError._QUEUE_FULL, KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT, KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE, KafkaError.REQUEST_TIMED_OUT, KafkaError.NETWORK_EXCEPTION,
+    KafkaError.BROKER_NOT_AVAILABLE, KafkaError.NOT_ENOUGH_REPLICAS, KafkaError.NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+    KafkaError.KAFKA_STORAGE_ERROR,
+})  # fmt: skip
+# A missing topic: waited for when it is the scorer's own, for good when a reply_to names it.
+MISSING_TOPIC_ERRORS = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC, KafkaError._UNKNOWN_PARTITION})
+PENDING = KafkaError(KafkaError._MSG_TIMED_OUT, "no delivery report by the end of the flush")
+
+Clients = tuple[Any, Any]  # (consumer, producer) with confluent-kafka's interfaces
 
 
 @dataclass(frozen=True)
@@ -90,7 +109,7 @@ class KafkaLoop(threading.Thread):
         clients: Callable[[], Clients] | None = None,
     ) -> None:
         """``membership()`` gives (this replica's rank, number of replicas); ``clients()``
-        the (consumer, producer) to use, by default kafka-python's for ``kafka``."""
+        the (consumer, producer) to use, by default confluent-kafka's for ``kafka``."""
         super().__init__(name="kafka-scorer", daemon=True)
         self.kafka = kafka
         self.topics = topics
@@ -106,11 +125,14 @@ class KafkaLoop(threading.Thread):
         self.uncommitted = 0  # answered messages not yet in a commit
         self.reply_partitions: dict[str, list[int]] = {}
         self.rank, self.replicas = 0, 1  # as of the last assignment
+        # The partitions assigned, kept here: librdkafka's assignment() is a round trip to
+        # its main thread, too slow to ask before every poll.
+        self.assigned: set[int] = set()
         self.batches = 0
         self.retried_sends = 0  # records sent again after a transient failure
         self.refetches = 0  # partitions sought back to the offset before a jump
         self.accepted_gaps = 0  # jumps still there after GAP_REFETCHES re-fetches
-        self._gap: dict[TopicPartition, tuple[int, int]] = {}  # partition -> (missing offset, re-fetches)
+        self._gap: dict[int, tuple[int, int]] = {}  # partition -> (missing offset, re-fetches)
         self._topic_names: set[str] = set()
         self._topics_read_at = -TOPICS_REFRESH_S
 
@@ -128,142 +150,160 @@ class KafkaLoop(threading.Thread):
             self.error = error
 
     def _kafka_clients(self) -> Clients:
-        consumer = self.kafka.consumer(
-            group_id=self.group_id,  # where offsets are committed; partitions are assigned below
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            max_poll_records=self.max_poll_records,
-            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
-            metrics_enabled=False,  # its own sensors: 12% of an idle consumer's CPU; ours go to Ray
-        )
-        try:
-            # Every batch's replies end with a flush, so they never wait for the linger; a
-            # long one lets send() fill one record batch per partition instead of waking
-            # the sender thread (a syscall) for each new batch.
-            producer = self.kafka.producer(
-                linger_ms=REPLY_LINGER_MS,
-                batch_size=REPLY_BATCH_BYTES,
-                metrics_enabled=False,
-                allow_auto_create_topics=False,  # a reply_to never creates a topic
-                max_block_ms=MAX_BLOCK_MS,
-            )
-        except BaseException:
-            consumer.close(autocommit=False)
-            raise
+        consumer = Consumer(self.kafka.librdkafka(**{
+            "group.id": self.group_id,  # where offsets are committed; partitions are assigned below
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "fetch.wait.max.ms": FETCH_MAX_WAIT_MS,
+            "on_commit": self._on_commit,
+            "logger": logger,
+        }))  # fmt: skip
+        # Every batch's replies end with a flush, which sends at once whatever the linger.
+        producer = Producer(self.kafka.librdkafka(**{
+            "acks": "all",
+            "allow.auto.create.topics": False,  # a reply_to never creates a topic (librdkafka's producer would)
+            "message.timeout.ms": DELIVERY_TIMEOUT_MS,
+            "topic.metadata.propagation.max.ms": TOPIC_PROPAGATION_MS,
+            "logger": logger,
+        }))  # fmt: skip
         return consumer, producer
 
     def _consume(self) -> None:
         consumer, producer = self.clients()
-        flushed: dict[TopicPartition, OffsetAndMetadata] = {}  # next offsets whose replies are acknowledged
+        flushed: dict[int, int] = {}  # partition -> next offset, its replies acknowledged
         try:
             lag_refreshed = assignment_refreshed = committed_at = 0.0
             while not self.stopping.is_set():
                 if time.monotonic() - assignment_refreshed > ASSIGNMENT_REFRESH_S:
                     self._assign(consumer, flushed)
                     assignment_refreshed = time.monotonic()
-                polled = consumer.poll(timeout_ms=100) if consumer.assignment() else {}
+                polled = self._poll(consumer) if self.assigned else {}
                 polled = self._take_contiguous(consumer, polled, flushed)
                 if polled:
                     answered = self._process(consumer, producer, polled)
                     flushed.update(answered)
                     self.uncommitted += sum(len(polled[partition]) for partition in answered)
-                elif not consumer.assignment():
-                    time.sleep(0.1)  # more replicas than partitions: this one idles
+                elif not self.assigned:
+                    time.sleep(POLL_TIMEOUT_S)  # more replicas than partitions: this one idles
                 if self.uncommitted and time.monotonic() - committed_at > COMMIT_INTERVAL_S:
                     # Commits of one partition are in order; one that fails leaves its
                     # batches to be re-scored after a restart (duplicate replies, which
                     # consumers drop by auction id), never lost.
-                    consumer.commit_async(dict(flushed), callback=partial(self._on_commit, self.uncommitted))
+                    consumer.commit(offsets=self._offsets(flushed), asynchronous=True)
+                    self.committed += self.uncommitted
                     self.uncommitted, committed_at = 0, time.monotonic()
                 if time.monotonic() - lag_refreshed > LAG_REFRESH_S:
                     self.on_lag(_lag(consumer))
                     lag_refreshed = time.monotonic()
             self._commit(consumer, flushed)  # the asynchronous commits may still be in flight
         finally:
-            try:
-                consumer.close(autocommit=False)
-            finally:
-                producer.close()
+            consumer.close()
 
-    def _commit(self, consumer: Any, flushed: dict[TopicPartition, OffsetAndMetadata]) -> None:
+    def _offsets(self, flushed: dict[int, int]) -> list[TopicPartition]:
+        return [TopicPartition(self.topics.auctions, partition, offset) for partition, offset in flushed.items()]
+
+    def _commit(self, consumer: Any, flushed: dict[int, int]) -> None:
         if flushed:
-            consumer.commit(dict(flushed))
+            consumer.commit(offsets=self._offsets(flushed), asynchronous=False)
             self.committed += self.uncommitted
             self.uncommitted = 0
 
-    def _assign(self, consumer: Any, flushed: dict[TopicPartition, OffsetAndMetadata]) -> None:
-        partitions = consumer.partitions_for_topic(self.topics.auctions)
-        if not partitions:
-            raise RuntimeError(f"topic {self.topics.auctions!r} does not exist")
+    def _assign(self, consumer: Any, flushed: dict[int, int]) -> None:
+        auctions = self.topics.auctions
+        metadata = consumer.list_topics(auctions, timeout=METADATA_TIMEOUT_S).topics.get(auctions)
+        if metadata is None or metadata.error is not None or not metadata.partitions:
+            raise RuntimeError(f"topic {auctions!r} does not exist")
         self.reply_partitions.clear()  # re-read: topics may have grown
         self.rank, self.replicas = self.membership()
-        wanted = {TopicPartition(self.topics.auctions, p) for p in partitions if p % self.replicas == self.rank}
-        if wanted != consumer.assignment():
+        wanted = {p for p in metadata.partitions if p % self.replicas == self.rank}
+        if wanted != self.assigned:
             self._commit(consumer, flushed)  # what this replica answered is not scored again by the next owner
             for partition in flushed.keys() - wanted:
                 del flushed[partition]  # never commit over the next owner's offsets
-            consumer.assign(sorted(wanted))
-            logger.info("replica %d of %d reads partitions %s", self.rank, self.replicas, sorted(p.partition for p in wanted))
+            # Without an offset, each partition starts at the group's committed offset.
+            consumer.assign([TopicPartition(auctions, p) for p in sorted(wanted)])
+            self.assigned = wanted
+            logger.info("replica %d of %d reads partitions %s", self.rank, self.replicas, sorted(wanted))
+
+    def _poll(self, consumer: Any) -> dict[int, list[Any]]:
+        """The records at hand, per partition: waits for the first one only (librdkafka's
+        ``consume`` waits its whole timeout unless the batch is full)."""
+        first = consumer.poll(POLL_TIMEOUT_S)
+        if first is None:
+            return {}
+        records = [first, *consumer.consume(num_messages=self.max_poll_records - 1, timeout=0)] if self.max_poll_records > 1 else [first]
+        polled: dict[int, list[Any]] = {}
+        for record in records:
+            error = record.error()
+            if error is None:
+                polled.setdefault(record.partition(), []).append(record)
+            elif error.fatal():
+                raise KafkaException(error)
+            else:  # a broker reconnect, say: librdkafka fetches again by itself
+                logger.warning("consumer: %s", error)
+        return polled
 
     def _take_contiguous(
-        self, consumer: Any, polled: dict[TopicPartition, list[Any]], flushed: dict[TopicPartition, OffsetAndMetadata]
-    ) -> dict[TopicPartition, list[Any]]:
+        self, consumer: Any, polled: dict[int, list[Any]], flushed: dict[int, int]
+    ) -> dict[int, list[Any]]:
         """Each partition's polled records up to its first offset jump (from the offset
         after the last answered record, or within the batch); the partition is sought
         back to the missing offset, up to ``GAP_REFETCHES`` times per jump. Records
         already answered (re-fetched after a seek) are dropped."""
         taken = {}
         for partition, batch in polled.items():
-            answered = flushed.get(partition)
-            expected = batch[0].offset if answered is None else answered.offset
-            if batch[0].offset < expected:
-                batch = [record for record in batch if record.offset >= expected]
+            first = batch[0].offset()
+            expected = flushed.get(partition, first)
+            if first < expected:
+                batch = [record for record in batch if record.offset() >= expected]
                 if not batch:
                     continue
-            if batch[-1].offset - batch[0].offset + 1 != len(batch) or batch[0].offset != expected:  # one check per batch
+                first = batch[0].offset()
+            if batch[-1].offset() - first + 1 != len(batch) or first != expected:  # one check per batch
                 batch = self._before_jump(consumer, partition, batch, expected)
             if batch:
                 taken[partition] = batch
         return taken
 
-    def _before_jump(self, consumer: Any, partition: TopicPartition, batch: list[Any], expected: int) -> list[Any]:
-        cut = next((n for n, record in enumerate(batch) if record.offset != expected + n), len(batch))
+    def _before_jump(self, consumer: Any, partition: int, batch: list[Any], expected: int) -> list[Any]:
+        cut = next((n for n, record in enumerate(batch) if record.offset() != expected + n), len(batch))
         missing = expected + cut
         offset, refetches = self._gap.get(partition, (missing, 0))
         refetches = refetches if offset == missing else 0
         if refetches >= GAP_REFETCHES:
             logger.warning(
                 "partition %s: offsets jump from %d to %d after %d re-fetches; accepted (a real Kafka has such gaps)",
-                partition.partition, missing, batch[cut].offset, refetches,
+                partition, missing, batch[cut].offset(), refetches,
             )
             self.accepted_gaps += 1
             del self._gap[partition]
             return batch
         self._gap[partition] = (missing, refetches + 1)
         self.refetches += 1
-        logger.warning("partition %s: offset %d skipped (next %d); fetching it again", partition.partition, missing, batch[cut].offset)
-        consumer.seek(partition, missing)
+        logger.warning("partition %s: offset %d skipped (next %d); fetching it again", partition, missing, batch[cut].offset())
+        # librdkafka drops the records it fetched for the partition before the seek.
+        consumer.seek(TopicPartition(self.topics.auctions, partition, missing))
         return batch[:cut]
 
-    def _process(
-        self, consumer: Any, producer: Any, polled: dict[TopicPartition, list[Any]]
-    ) -> dict[TopicPartition, OffsetAndMetadata]:
+    def _process(self, consumer: Any, producer: Any, polled: dict[int, list[Any]]) -> dict[int, int]:
         """Score a polled batch and reply; returns the offsets now safe to commit (none
         when the loop is stopped before the broker acknowledged every reply)."""
         received_at = now_ms()
         records = [record for batch in polled.values() for record in batch]
-        sources = [{"topic": r.topic, "partition": r.partition, "offset": r.offset} for r in records]
-        report = self.score([r.value for r in records], received_at, sources)
+        values = [record.value() for record in records]
+        sources = [{"topic": r.topic(), "partition": r.partition(), "offset": r.offset()} for r in records]
+        report = self.score(values, received_at, sources)
         if len(report.replies) != len(records):
             raise RuntimeError(f"{len(report.replies)} replies to {len(records)} messages")
         self.batches += 1
         outgoing = [
-            self._addressed(consumer, reply, record.value, source)
-            for reply, record, source in zip(report.replies, records, sources)
+            self._addressed(consumer, reply, value, source)
+            for reply, value, source in zip(report.replies, values, sources)
         ]
         if not self._deliver(producer, outgoing):
             return {}
-        return {tp: OffsetAndMetadata(batch[-1].offset + 1, "", -1) for tp, batch in polled.items()}
+        return {partition: batch[-1].offset() + 1 for partition, batch in polled.items()}
 
     def _addressed(self, consumer: Any, reply: Reply, original: bytes, source: dict[str, object]) -> Outgoing:
         key = reply.auction_id.encode() if reply.auction_id is not None else None
@@ -281,7 +321,8 @@ class KafkaLoop(threading.Thread):
 
     def _topic_exists(self, consumer: Any, topic: str) -> bool:
         if topic not in self._topic_names and time.monotonic() - self._topics_read_at > TOPICS_REFRESH_S:
-            self._topic_names = set(consumer.topics())
+            listed = consumer.list_topics(timeout=METADATA_TIMEOUT_S).topics
+            self._topic_names = {name for name, metadata in listed.items() if metadata.error is None}
             self._topics_read_at = time.monotonic()
         return topic in self._topic_names
 
@@ -290,17 +331,21 @@ class KafkaLoop(threading.Thread):
         False if the loop was stopped first."""
         backoff = RETRY_BACKOFF_S
         while outgoing:
-            sent = [(item, self._send(producer, item)) for item in outgoing]
-            producer.flush()
-            outgoing, transient, last_error = [], 0, None
-            for item, result in sent:
-                error = _failure(result)
+            results: list[Exception | KafkaError | None] = [PENDING] * len(outgoing)
+            for n, item in enumerate(outgoing):
+                self._send(producer, item, partial(_report, results, n))
+            while producer.flush(FLUSH_SLICE_S):
+                if self.stopping.is_set():
+                    return False
+            retry, transient, last_error = [], 0, None
+            for item, error in zip(outgoing, results):
                 if error is None:
                     continue
                 replacement = self._after_rejection(item, error) if self._is_permanent(item, error) else None
                 if replacement is None:
                     transient, last_error = transient + 1, error
-                outgoing.append(replacement or item)
+                retry.append(replacement or item)
+            outgoing = retry
             if transient:
                 logger.warning("%d records not acknowledged (%s); sending them again in %.1f s", transient, last_error, backoff)
                 self.retried_sends += transient
@@ -309,24 +354,27 @@ class KafkaLoop(threading.Thread):
                 backoff = min(2 * backoff, MAX_RETRY_BACKOFF_S)
         return True
 
-    def _send(self, producer: Any, item: Outgoing) -> Any:
-        """The send's future, or what sending raised at once (kafka-python checks the
-        topic name, the record size and the topic's metadata before queueing)."""
+    def _send(self, producer: Any, item: Outgoing, on_delivery: Callable[[Any, Any], None]) -> None:
+        """Produce ``item``; what librdkafka refuses at once (a record over
+        message.max.bytes, a full queue) is its delivery report."""
         try:
-            return producer.send(item.topic, key=item.key, value=item.value, partition=self._reply_partition(producer, item.topic))
+            partition = self._reply_partition(producer, item.topic)
+            producer.produce(item.topic, value=item.value, key=item.key, partition=partition, on_delivery=on_delivery)
+        except KafkaException as error:
+            on_delivery(error.args[0], None)
         except Exception as error:
-            return error
+            on_delivery(error, None)
 
-    def _is_permanent(self, item: Outgoing, error: Exception) -> bool:
-        """A failure that sending again cannot cure. A reply_to topic that is gone or
-        whose metadata never comes is one; the scorer's own topics are waited for."""
-        if isinstance(error, (UnknownTopicOrPartitionError, KafkaTimeoutError)):
-            return item.topic not in (self.topics.scores, self.topics.dlq)
+    def _is_permanent(self, item: Outgoing, error: Exception | KafkaError) -> bool:
+        """A failure that sending again cannot cure. A reply_to topic that is gone is
+        one; the scorer's own topics are waited for."""
         if isinstance(error, KafkaError):
-            return not error.retriable
-        return True  # kafka-python's own checks of the record (AssertionError, ValueError, ...)
+            if error.code() in MISSING_TOPIC_ERRORS:
+                return item.topic not in (self.topics.scores, self.topics.dlq)
+            return error.code() not in TRANSIENT_ERRORS
+        return not isinstance(error, BufferError)  # librdkafka's queue is full: wait; anything else is for good
 
-    def _after_rejection(self, item: Outgoing, error: Exception) -> Outgoing | None:
+    def _after_rejection(self, item: Outgoing, error: Exception | KafkaError) -> Outgoing | None:
         """What to send instead of a record the broker refused for good: a reply's dead
         letter, a dead letter's envelope; None when even that was refused (it is sent
         again: nothing is committed past a message without an acknowledged answer)."""
@@ -355,36 +403,31 @@ class KafkaLoop(threading.Thread):
         partition at the same time (docs/protocol.md)."""
         partitions = self.reply_partitions.get(topic)
         if partitions is None:
-            every = sorted(producer.partitions_for(topic))
+            metadata = producer.list_topics(topic, timeout=METADATA_TIMEOUT_S).topics[topic]
+            if metadata.error is not None:
+                raise KafkaException(metadata.error)
+            every = sorted(metadata.partitions)
             own = [p for p in every if p % self.replicas == self.rank]
             partitions = self.reply_partitions[topic] = own or every
         return partitions[self.batches % len(partitions)]
 
-    def _on_commit(self, count: int, offsets: object, result: object) -> None:
-        if isinstance(result, Exception):
-            logger.warning("commit failed (%s); %d messages may be scored again", result, count)
-        else:
-            self.committed += count
+    def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        if error is not None:
+            logger.warning("commit failed (%s); messages answered since the last commit may be scored again", error)
 
 
-def _failure(result: Any) -> Exception | None:
-    """What went wrong with one send (its future after a flush, or what send raised)."""
-    if isinstance(result, Exception):
-        return result
-    if not result.is_done:
-        return KafkaTimeoutError("not acknowledged by the end of the flush")
-    return result.exception if result.failed() else None
+def _report(results: list[Exception | KafkaError | None], n: int, error: KafkaError | None, _record: Any) -> None:
+    """A delivery report: ``results[n]`` becomes None (acknowledged) or the error."""
+    results[n] = error
 
 
 def _lag(consumer: Any) -> dict[int, int]:
-    """Messages behind the high watermark per assigned partition (from fetch responses:
-    Tansu's ListOffsets answers are not exact)."""
+    """Messages behind the high watermark per assigned partition (the watermark from
+    fetch responses: Tansu's ListOffsets answers are not exact)."""
     lag = {}
-    for partition in consumer.assignment():
-        try:
-            highwater = consumer.highwater(partition)
-            if highwater is not None:
-                lag[partition.partition] = max(0, highwater - consumer.position(partition, timeout_ms=1000))
-        except KafkaError:
-            continue
+    assigned = consumer.assignment()
+    for partition, position in zip(assigned, consumer.position(assigned)):
+        _low, high = consumer.get_watermark_offsets(partition, cached=True)
+        if high >= 0 and position.offset >= 0:
+            lag[partition.partition] = max(0, high - position.offset)
     return lag

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from kafka.admin import NewTopic
-from kafka.errors import TopicAlreadyExistsError
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from streaming.kafka_config import KafkaClientConfig, TopicNames
+
+ADMIN_TIMEOUT_S = 30.0
 
 
 def create_topics(
@@ -19,32 +21,23 @@ def create_topics(
     if partitions < 1:
         raise ValueError("partitions must be at least 1")
     names = (topics or TopicNames()).all() if not isinstance(topics, list) else topics
-    admin = config.admin()
-    try:
-        existing = set(admin.list_topics())
-        result = {name: "exists" for name in names if name in existing}
-        for name in names:
-            if name in existing:
-                continue
+    admin = AdminClient(config.librdkafka())
+    existing = set(admin.list_topics(timeout=ADMIN_TIMEOUT_S).topics)
+    result = {name: "exists" for name in names if name in existing}
+    missing = [NewTopic(name, partitions, replication_factor) for name in dict.fromkeys(names) if name not in existing]
+    if missing:
+        for name, future in admin.create_topics(missing, operation_timeout=ADMIN_TIMEOUT_S).items():
             try:
-                admin.create_topics([NewTopic(name, partitions, replication_factor)])
+                future.result(timeout=ADMIN_TIMEOUT_S)
                 result[name] = "created"
-            except TopicAlreadyExistsError:  # created meanwhile by someone else
+            except KafkaException as error:
+                if error.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:  # else created meanwhile by someone else
+                    raise
                 result[name] = "exists"
-        return {name: result[name] for name in names}
-    finally:
-        admin.close()
+    return {name: result[name] for name in names}
 
 
 def partition_counts(config: KafkaClientConfig, names: list[str]) -> dict[str, int]:
     """Partitions per topic (0 for a topic that does not exist)."""
-    admin = config.admin()
-    try:
-        described = admin.describe_topics(names)
-    finally:
-        admin.close()
-    counts = {name: 0 for name in names}
-    for topic in described:
-        if topic.get("error_code", 0) == 0:
-            counts[topic["name"]] = len(topic["partitions"])
-    return counts
+    listed = AdminClient(config.librdkafka()).list_topics(timeout=ADMIN_TIMEOUT_S).topics
+    return {name: len(listed[name].partitions) if name in listed and listed[name].error is None else 0 for name in names}

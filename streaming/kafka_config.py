@@ -68,8 +68,9 @@ class TopicNames(BaseModel):
 
 
 class KafkaClientConfig(BaseModel):
-    """Connection and security settings, passed through to kafka-python clients (the
-    scorer, admin) and librdkafka ones (the load generator, ``librdkafka``)."""
+    """Connection and security settings: ``librdkafka`` for the project's clients
+    (confluent-kafka: the scorer, the load generator, topic admin); ``client_kwargs``
+    the same for kafka-python (the tests' independent reader)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -85,7 +86,7 @@ class KafkaClientConfig(BaseModel):
     ssl_check_hostname: bool = True
 
     def client_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments common to KafkaProducer, KafkaConsumer and KafkaAdminClient."""
+        """kafka-python's keyword arguments (KafkaProducer, KafkaConsumer), which ``librdkafka`` translates."""
         kwargs: dict[str, Any] = {
             "bootstrap_servers": self.bootstrap_servers.split(","),
             "client_id": self.client_id,
@@ -128,21 +129,6 @@ class KafkaClientConfig(BaseModel):
         if kwargs.get("ssl_check_hostname") is False:
             config["ssl.endpoint.identification.algorithm"] = "none"
         return {**config, **overrides}
-
-    def producer(self, **overrides: Any) -> Any:
-        from kafka import KafkaProducer
-
-        return KafkaProducer(**{**self.client_kwargs(), **overrides})
-
-    def consumer(self, **overrides: Any) -> Any:
-        from kafka import KafkaConsumer
-
-        return KafkaConsumer(**{**self.client_kwargs(), **overrides})
-
-    def admin(self, **overrides: Any) -> Any:
-        from kafka import KafkaAdminClient
-
-        return KafkaAdminClient(**{**self.client_kwargs(), **overrides})
 
 
 def add_kafka_arguments(parser: argparse.ArgumentParser, topics: bool = True) -> None:

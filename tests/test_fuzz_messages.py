@@ -98,7 +98,7 @@ def test_the_kafka_loop_answers_every_message_once(runtime: ScoringRuntime, batc
     sent = [broker.append("auctions", n % 2, message) for n, message in enumerate(batch)]
 
     def answered_by(record: Record) -> tuple[str, int, int] | None:
-        source = decode_error(record.value).source if record.topic == TOPICS.dlq else None
+        source = decode_error(record.value()).source if record.topic() == TOPICS.dlq else None
         return None if source is None else (source["topic"], source["partition"], source["offset"])
 
     def answers() -> list[Record]:
@@ -109,12 +109,12 @@ def test_the_kafka_loop_answers_every_message_once(runtime: ScoringRuntime, batc
     assert len(answers()) == len(batch)
     dead = [answered_by(r) for r in broker.records("auctions.dlq")]
     assert len(set(dead)) == len(dead)
-    by_source = {(r.topic, r.partition, r.offset): r.value for r in sent}
-    scored = [r for r in sent if (r.topic, r.partition, r.offset) not in set(dead)]
-    assert sorted(decode_reply(r.value).auction_id for r in answers() if r.topic != TOPICS.dlq) == sorted(
-        decode_auction(r.value).auction_id for r in scored
+    by_source = {(r.topic(), r.partition(), r.offset()): r.value() for r in sent}
+    scored = [r for r in sent if (r.topic(), r.partition(), r.offset()) not in set(dead)]
+    assert sorted(decode_reply(r.value()).auction_id for r in answers() if r.topic() != TOPICS.dlq) == sorted(
+        decode_auction(r.value()).auction_id for r in scored
     )
     for source in dead:
         assert by_source[source][:65_536] == decode_error(
-            next(r.value for r in broker.records("auctions.dlq") if answered_by(r) == source)
+            next(r.value() for r in broker.records("auctions.dlq") if answered_by(r) == source)
         ).original

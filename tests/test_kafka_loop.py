@@ -10,9 +10,9 @@ import time
 from collections.abc import Callable, Sequence
 
 import pytest
-from kafka.errors import MessageSizeTooLargeError, NotLeaderForPartitionError, TopicAuthorizationFailedError
-from kafka.structs import TopicPartition
+from confluent_kafka import KafkaError, KafkaException
 
+from serve_app import kafka_loop
 from serve_app.kafka_loop import KafkaLoop
 from serve_app.runtime import BatchReport, Reply
 from streaming.kafka_config import KafkaClientConfig, TopicNames
@@ -38,10 +38,10 @@ def fake_score(values: Sequence[bytes], received_at_ms: int, sources: Sequence[d
 
 
 def answered_by(record: Record) -> tuple[str, int, int] | None:
-    if record.topic == TOPICS.dlq:
-        source = decode_error(record.value).source
+    if record.topic() == TOPICS.dlq:
+        source = decode_error(record.value()).source
         return source["topic"], source["partition"], source["offset"]
-    topic, partition, offset = record.value.decode().split("/")
+    topic, partition, offset = record.value().decode().split("/")
     return topic, int(partition), int(offset)
 
 
@@ -64,7 +64,7 @@ def run_loop(
         time.sleep(0.005)
     loop.stop()
     assert loop.error is None
-    assert consumer.closed and producer.closed
+    assert consumer.closed
     return loop
 
 
@@ -84,28 +84,29 @@ def answers(broker: FakeBroker) -> dict[tuple[str, int, int], list[Record]]:
 
 
 def every_auction_answered_once(broker: FakeBroker) -> bool:
-    sources = {(r.topic, r.partition, r.offset) for r in broker.records("auctions")}
+    sources = {(r.topic(), r.partition(), r.offset()) for r in broker.records("auctions")}
     found = answers(broker)
     return found.keys() == sources and all(len(v) == 1 for v in found.values())
 
 
 def test_transient_send_failures_are_retried_and_nothing_is_committed_before_the_acknowledgement() -> None:
     broker = new_broker()
-    failures = iter([NotLeaderForPartitionError()] * 5)
+    # what librdkafka reports once its own retries ran out (a broker down), and a full queue
+    failures = iter([KafkaError(KafkaError._MSG_TIMED_OUT)] * 4 + [BufferError("queue full")])
     producer = FakeProducer(broker, lambda topic, value: next(failures, None))
     consumer = FakeConsumer(broker, answered_by)
     loop = run_loop(broker, consumer, producer, lambda: every_auction_answered_once(broker) and broker.committed)
     assert every_auction_answered_once(broker)
     assert broker.early_commits == []
     assert loop.retried_sends == 5
-    assert broker.committed == {TopicPartition("auctions", 0): 6, TopicPartition("auctions", 1): 6}
+    assert broker.committed == {("auctions", 0): 6, ("auctions", 1): 6}
 
 
 def test_a_stop_during_a_broker_outage_commits_nothing_unacknowledged() -> None:
     broker = new_broker(auctions=4, partitions=1)
     down = threading.Event()
     down.set()
-    producer = FakeProducer(broker, lambda topic, value: NotLeaderForPartitionError() if down.is_set() else None)
+    producer = FakeProducer(broker, lambda topic, value: KafkaError(KafkaError._TRANSPORT) if down.is_set() else None)
     consumer = FakeConsumer(broker, answered_by)
     loop = run_loop(broker, consumer, producer, lambda: producer.sends >= 12, timeout_s=3.0)
     assert loop.retried_sends >= 8 and broker.records("scores") == []
@@ -115,7 +116,14 @@ def test_a_stop_during_a_broker_outage_commits_nothing_unacknowledged() -> None:
     assert every_auction_answered_once(broker)
 
 
-@pytest.mark.parametrize("error", [MessageSizeTooLargeError(), TopicAuthorizationFailedError(), ValueError("bad topic")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE)),  # over message.max.bytes: produce raises
+        KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED),
+        KafkaError(KafkaError.TOPIC_EXCEPTION),  # the broker's answer to a topic named ".."
+    ],
+)
 def test_a_reply_the_broker_refuses_for_good_becomes_a_dead_letter(error: Exception) -> None:
     broker = new_broker(auctions=6, partitions=1)
     producer = FakeProducer(broker, lambda topic, value: error if topic == "scores" and value.endswith(b"/3") else None)
@@ -123,19 +131,20 @@ def test_a_reply_the_broker_refuses_for_good_becomes_a_dead_letter(error: Except
     run_loop(broker, consumer, producer, lambda: every_auction_answered_once(broker))
     assert every_auction_answered_once(broker) and broker.early_commits == []
     (dead,) = broker.records("auctions.dlq")
-    letter = decode_error(dead.value)
+    letter = decode_error(dead.value())
     assert (letter.reason, letter.auction_id, letter.original) == ("reply_rejected", "a3", b"a3")
     assert letter.source == {"topic": "auctions", "partition": 0, "offset": 3}
-    assert type(error).__name__ in letter.message
+    code = (error.args[0] if isinstance(error, KafkaException) else error).name()
+    assert code in letter.message
 
 
 def test_a_dead_letter_the_broker_refuses_is_sent_without_the_original() -> None:
     broker = new_broker(auctions=3, partitions=1)
     broker.append("auctions", 0, b"!a3 " + b"x" * 5_000)
-    refuse_large = lambda topic, value: MessageSizeTooLargeError() if len(value) > 1_000 else None  # noqa: E731
+    refuse_large = lambda topic, value: KafkaError(KafkaError.MSG_SIZE_TOO_LARGE) if len(value) > 1_000 else None  # noqa: E731
     run_loop(broker, FakeConsumer(broker, answered_by), FakeProducer(broker, refuse_large), lambda: every_auction_answered_once(broker))
     assert every_auction_answered_once(broker)
-    letter = decode_error(broker.records("auctions.dlq")[0].value)
+    letter = decode_error(broker.records("auctions.dlq")[0].value())
     assert (letter.reason, letter.original, letter.original_bytes) == ("invalid_value", b"", 5_004)
     assert letter.source == {"topic": "auctions", "partition": 0, "offset": 3}
 
@@ -152,9 +161,9 @@ def test_reply_to_may_name_only_the_scores_topic_or_existing_topics_matching_the
     assert every_auction_answered_once(broker)
     for n, (topic, destination) in enumerate(wanted.items()):
         (record,) = answers(broker)[("auctions", 0, n)]
-        assert record.topic == (destination or "auctions.dlq"), topic
+        assert record.topic() == (destination or "auctions.dlq"), topic
         if destination is None:
-            letter = decode_error(record.value)
+            letter = decode_error(record.value())
             assert letter.reason == "invalid_reply_to" and topic in letter.message
     assert broker.records("other") == []
 
@@ -162,10 +171,10 @@ def test_reply_to_may_name_only_the_scores_topic_or_existing_topics_matching_the
 def test_an_offset_jump_is_fetched_again_and_nothing_is_skipped() -> None:
     broker = new_broker(auctions=10, partitions=1)
     consumer = FakeConsumer(broker, answered_by)
-    consumer.skip_once[TopicPartition("auctions", 0)] = (2, 5)  # the broker leaves a batch out once
+    consumer.skip_once[("auctions", 0)] = (2, 5)  # the broker leaves a batch out once
     loop = run_loop(broker, consumer, FakeProducer(broker), lambda: every_auction_answered_once(broker))
     assert every_auction_answered_once(broker) and broker.early_commits == []
-    assert consumer.seeks == [(TopicPartition("auctions", 0), 2)]
+    assert consumer.seeks == [(("auctions", 0), 2)]
     assert (loop.refetches, loop.accepted_gaps) == (1, 0)
 
 
@@ -177,24 +186,22 @@ def test_a_gap_that_stays_is_accepted_after_bounded_refetches() -> None:
     loop = run_loop(broker, consumer, FakeProducer(broker), lambda: every_auction_answered_once(broker))
     assert every_auction_answered_once(broker)
     assert (loop.refetches, loop.accepted_gaps) == (3, 1)
-    assert broker.committed == {TopicPartition("auctions", 0): 11}
+    assert broker.committed == {("auctions", 0): 11}
 
 
-def test_a_new_replica_count_releases_partitions_after_committing_what_was_answered() -> None:
+def test_a_new_replica_count_releases_partitions_after_committing_what_was_answered(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kafka_loop, "ASSIGNMENT_REFRESH_S", 0.01)
     broker = new_broker(auctions=8, partitions=2)
     replicas = [1]
     consumer = FakeConsumer(broker, answered_by)
-    done = lambda: every_auction_answered_once(broker)  # noqa: E731
-    loop = KafkaLoop(
-        KafkaClientConfig(bootstrap_servers="unused:9092"), TOPICS, "group", 8, fake_score, lambda lag: None,
-        lambda: (0, replicas[0]), clients=lambda: (consumer, FakeProducer(broker)),
-    )
-    loop.start()
-    while not done() and loop.is_alive():
-        time.sleep(0.005)
-    replicas[0] = 2
-    loop._assign(consumer, {})  # what the loop does every ASSIGNMENT_REFRESH_S
-    assert consumer.assignment() == {TopicPartition("auctions", 0)}
-    loop.stop()
-    assert loop.error is None and done() and broker.early_commits == []
-    assert broker.committed[TopicPartition("auctions", 1)] == 4
+    assigned = lambda: [(p.topic, p.partition) for p in consumer.assignment()]  # noqa: E731
+
+    def membership() -> tuple[int, int]:
+        if every_auction_answered_once(broker):
+            replicas[0] = 2  # scaled to two replicas once everything was answered
+        return 0, replicas[0]
+
+    run_loop(broker, consumer, FakeProducer(broker), lambda: assigned() == [("auctions", 0)], membership)
+    assert assigned() == [("auctions", 0)]
+    assert every_auction_answered_once(broker) and broker.early_commits == []
+    assert broker.committed[("auctions", 1)] == 4  # committed before it was given up

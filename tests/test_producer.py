@@ -14,7 +14,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from kafka import TopicPartition
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from model_zoo.schema import FeatureSchema, FieldSpec, Kind, Role
 from model_zoo.vocab import FieldVocabulary, Vocabulary
@@ -67,8 +67,8 @@ class EchoScorer(threading.Thread):
         self.partition_of: dict[bytes, int] = {}  # auction key -> partition it arrived on
 
     def run(self) -> None:
-        consumer = self.config.consumer(enable_auto_commit=False, group_id=None, fetch_max_wait_ms=10)
-        producer = self.config.producer(linger_ms=1)
+        consumer = KafkaConsumer(**self.config.client_kwargs(), enable_auto_commit=False, group_id=None, fetch_max_wait_ms=10)
+        producer = KafkaProducer(**self.config.client_kwargs(), linger_ms=1)
         try:
             partitions = [TopicPartition(self.topics.auctions, p) for p in consumer.partitions_for_topic(self.topics.auctions)]
             consumer.assign(partitions)

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from kafka import TopicPartition
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from model_zoo.batch import join_context_items
 from model_zoo.bundle import load_bundle, save_bundle
@@ -225,11 +225,11 @@ def exchange(
     for keyed messages, original bytes for unkeyed ones); ``during`` = (seconds, action)
     runs the action that long after sending started."""
     result = Exchange()
-    consumer = stack.kafka.consumer(group_id=None, enable_auto_commit=False, fetch_max_wait_ms=20)
+    consumer = KafkaConsumer(**stack.kafka.client_kwargs(), group_id=None, enable_auto_commit=False, fetch_max_wait_ms=20)
     partitions = [TopicPartition(t, p) for t in (stack.topics.scores, stack.topics.dlq) for p in range(PARTITIONS)]
     consumer.assign(partitions)
     skip_to_end(consumer, partitions)
-    producer = stack.kafka.producer(linger_ms=2)
+    producer = KafkaProducer(**stack.kafka.client_kwargs(), linger_ms=2)
     stopping = threading.Event()
 
     def collect() -> None:
@@ -293,7 +293,7 @@ def unanswered(stack: Stack, result: Exchange, auctions: list[tuple[str, bytes]]
     offset it was sent to, and any record for it on the reply topics read from the start
     (one there means the collector missed it; none, that no replica answered it)."""
     missing = {a for a, _ in auctions if a not in result.replies}
-    consumer = stack.kafka.consumer(group_id=None, enable_auto_commit=False, fetch_max_wait_ms=20)
+    consumer = KafkaConsumer(**stack.kafka.client_kwargs(), group_id=None, enable_auto_commit=False, fetch_max_wait_ms=20)
     partitions = [TopicPartition(t, p) for t in (stack.topics.scores, stack.topics.dlq) for p in range(PARTITIONS)]
     consumer.assign(partitions)
     consumer.seek_to_beginning(*partitions)
