@@ -15,7 +15,9 @@ pytestmark = pytest.mark.slow
 
 def test_bench_stream_reports_rates_and_latency(tmp_path: Path) -> None:
     out = tmp_path / "stream.json"
-    code = cli.main(["bench", "stream", "--json", str(out), "--rates", "50", "--latency-rates", "--seconds", "2",
+    # Latency is measured at a given rate (not only at half the sustained one): whether a
+    # loaded machine keeps up with the step is a measurement, not what is tested here.
+    code = cli.main(["bench", "stream", "--json", str(out), "--rates", "50", "--latency-rates", "25", "--seconds", "2",
                      "--items", "5", "--context-fields", "2", "--item-fields", "2", "--vocab-size", "20",
                      "--distinct", "20", "--partitions", "2", "--rounds", "1"])
     assert code == 0
@@ -23,7 +25,9 @@ def test_bench_stream_reports_rates_and_latency(tmp_path: Path) -> None:
     (step,) = result["steps"]
     assert step["offered"] == 50 and step["report"]["sent"] == 100
     assert step["report"]["scored"] == 100 and step["report"]["missing"] == 0
-    assert result["max_sustained_rate"] == 50  # kept up with 50 five-item auctions a second
+    report = step["report"]
+    kept_up = report["throughput"] >= 0.95 * 50 and report["latency_ms"]["p99"] <= 1000.0
+    assert result["max_sustained_rate"] == (50 if kept_up else 0)
     assert [p["offered"] for p in result["latency"]] == [25]  # half the sustained rate
     (floor,) = result["floor"]  # the echo scorer at the same rate, every auction answered with zero scores
     assert floor["scorer"] == "floor" and floor["offered"] == 25
