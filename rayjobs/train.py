@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from model_zoo.bundle import save_bundle
 from model_zoo.data.layout import SPLITS, VOCAB_DIR, columns_for, load_schema, split_dir
-from model_zoo.data.reader import batch_from_table, iter_tables
+from model_zoo.data.reader import batch_from_table, check_index_ranges, iter_tables
 from model_zoo.diagnostics import (
     embedding_set_information_abundance,
     field_information_abundance,
@@ -177,7 +177,7 @@ def sum_over_workers(values: list[float]) -> list[float]:
 def evaluate_shard(model: RankingModel, shard: Any, batch_size: int, device: torch.device) -> dict[str, float]:
     """Metrics over the whole split: every worker predicts its shard, all rows are gathered."""
     schema = model.schema
-    batches = (batch_from_table(schema, b).to(device) for b in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow"))
+    batches = (batch_from_table(schema, b, checked=True).to(device) for b in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow"))
     labels, outputs = predict(model, batches)
     labels, outputs = gather_rows(labels.astype(np.float32)), gather_rows(outputs.astype(np.float32))
     metrics = task_metrics(schema.task, labels, outputs) if len(labels) else {}
@@ -259,7 +259,7 @@ def train_loop(config: dict[str, Any]) -> None:
         batches = train_shard.iter_batches(batch_size=batch_size, batch_format="pyarrow")
         fetched = time.perf_counter()
         for number, data in enumerate(batches):
-            batch = batch_from_table(schema, data).to(device)
+            batch = batch_from_table(schema, data, checked=True).to(device)  # run_training checked the ranges
             data_seconds += time.perf_counter() - fetched
             loss_sum += float(trainer.step(batch)) * len(batch)
             samples += len(batch)
@@ -385,6 +385,7 @@ def run_training(job: TrainJobConfig) -> Path:
     from ray.train.torch import TorchTrainer
 
     schema = load_schema(job.data)
+    check_index_ranges(job.data, schema)  # once, from the parquet footers: batches skip the check
     model_options(job, sparse=False)
     pruned_at = prune_epoch(job)
     counts = feature_counts(job.data, schema) if job.model == "rafm" else None
