@@ -42,8 +42,7 @@ from torch import Tensor, nn
 
 from model_zoo.batch import FeatureBatch
 from model_zoo.models.base import RankingModel
-from model_zoo.embedding import prefetch
-from model_zoo.optim import _PREFETCH_AHEAD, _distinct_rows
+from model_zoo.optim import _distinct_rows, _summed_gradients
 
 
 class ShardedExchange:
@@ -72,6 +71,7 @@ class ShardedExchange:
         self.rows = rows
         self._step: _StepRows | None = None
         self._slot = np.empty(0, dtype=np.int32)  # scratch: row → position
+        self._scratch = np.empty(0, dtype=np.float32)
 
     # -- before forward ----------------------------------------------------------------
     def gather(self, batch: FeatureBatch) -> float:
@@ -136,8 +136,13 @@ class ShardedExchange:
                     continue
                 if not table.grad.is_sparse:
                     raise ValueError("a sharded table needs sparse gradients")
+                positions = self._slot[table.grad._indices()[0].numpy()]
                 values = table.grad._values().reshape(-1, hi - lo).contiguous().numpy()
-                _sum_rows(self._slot, table.grad._indices()[0].numpy(), values, summed.numpy(), lo)
+                if self._scratch.shape[0] < step.rows * (hi - lo):
+                    self._scratch = np.empty(step.rows * (hi - lo), dtype=np.float32)
+                # Summed in a compact block, then copied in: summing straight into the
+                # (U, W) block's columns measured 2x slower.
+                summed[:, lo:hi] = torch.from_numpy(_summed_gradients(positions, step.rows, values, self._scratch))
             travelling = sum(step.send_counts)
             received = summed.new_empty(len(step.requested) - (step.rows - travelling), self.width)
             self._all_to_all(received, summed[:travelling], step.receive_counts, step.send_counts, rows=self.width)
@@ -208,19 +213,6 @@ def _by_owner(distinct, world, rank, slot):  # pragma: no cover - compiled
         slot[row] = starts[owner]
         starts[owner] += 1
     return ordered, counts
-
-
-@numba.njit(cache=True, nogil=True, error_model="numpy")
-def _sum_rows(slot, rows, grads, out, column):  # pragma: no cover - compiled
-    """out[slot[rows[i]], column:column + width] += grads[i] (rows: the step's lookups)."""
-    width = grads.shape[1]
-    row_bytes = out.shape[1] * out.itemsize
-    for i in range(rows.shape[0]):
-        if i + _PREFETCH_AHEAD < rows.shape[0]:
-            prefetch(out.ctypes.data + slot[rows[i + _PREFETCH_AHEAD]] * row_bytes)
-        position = slot[rows[i]]
-        for j in range(width):
-            out[position, column + j] += grads[i, j]
 
 
 @numba.njit(cache=True, nogil=True)
