@@ -205,6 +205,7 @@ def run_bench(args: argparse.Namespace) -> list[TrainThroughput]:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             temp_dir = f"/tmp/rs-bt-{sock.getsockname()[1]}"  # short: Ray's socket paths
+        os.environ["RAY_worker_niceness"] = "0"  # as under `ray job submit`; Ray's default 15 yields to niced work
         ray.init(address="local", num_cpus=args.num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=temp_dir)
         try:
             for workers in args.workers:
