@@ -22,7 +22,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -52,6 +52,9 @@ CRASH_ENV = "RANKSTREAM_TEST_CRASH_WORKER"
 MODEL_FILE, BEST_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "best.safetensors", "optimizer.pt", "state.json"
 
 
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+
+
 class TrainJobConfig(BaseModel):
     data: Path
     out: Path
@@ -65,6 +68,8 @@ class TrainJobConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     workers: int = Field(default=2, ge=1)
     cpus_per_worker: float = Field(default=0.5, gt=0)
+    placement_strategy: PlacementStrategy = Field(
+        default="PACK", description="of the workers over the cluster's nodes (Ray placement-group strategy)")
     device: str = Field(default="auto", pattern="^(auto|cpu|gpu)$")
     address: str | None = None
     num_cpus: int | None = Field(default=None, ge=1, description="CPUs of a local cluster started here")
@@ -229,6 +234,9 @@ def train_loop(config: dict[str, Any]) -> None:
     counts = None if config["feature_counts"] is None else np.asarray(config["feature_counts"], dtype=np.int64)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    # Ray nodes the workers run on (by node id: nodes of one machine share an address).
+    node = np.frombuffer(bytes.fromhex(ray.get_runtime_context().get_node_id()), dtype=np.uint8).copy()
+    nodes = len(np.unique(gather_rows(node).reshape(world, -1), axis=0))
     device = ray.train.torch.get_device()
     model = new_model(job, schema, config["sparse"], counts).to(device)
     trainer = Trainer(model, job.train, exchange=ShardedExchange(model) if world > 1 else None)
@@ -275,7 +283,7 @@ def train_loop(config: dict[str, Any]) -> None:
             "epoch": epoch, "train_loss": loss_sum / max(total, 1.0), "valid": valid, "seconds": seconds,
             "samples": int(total), "samples_per_second": total / max(seconds, 1e-9),
             "samples_per_second_per_worker": total / max(seconds, 1e-9) / world,
-            "phase_seconds": {"data": data_seconds, **trainer.phase_seconds}, "steps": steps,
+            "phase_seconds": {"data": data_seconds, **trainer.phase_seconds}, "steps": steps, "nodes": int(nodes),
             "bytes_sent_per_step": 0.0 if trainer.exchange is None else (trainer.exchange.bytes_sent - sent_before) / max(steps, 1),
         }
         state.history.append(record)
@@ -409,7 +417,8 @@ def run_training(job: TrainJobConfig) -> Path:
             "job": job.model_dump(mode="json"), "schema": schema.to_json(), "sparse": sparse,
             "feature_counts": None if counts is None else counts.tolist(), "crash": os.environ.get(CRASH_ENV),
         },
-        scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                     placement_strategy=job.placement_strategy),
         run_config=RunConfig(
             name=run_name,
             storage_path=None if job.storage_path is None else str(job.storage_path.resolve()),
@@ -498,6 +507,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cpus-per-worker", type=float, default=0.5, help="fractional leaves CPU for Ray Data (2-core deadlock)")
+    parser.add_argument("--placement-strategy", choices=get_args(PlacementStrategy), default=TrainJobConfig.model_fields["placement_strategy"].default,
+                        help="workers over nodes: SPREAD puts them on different nodes where it can")
     parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="auto: GPU workers when the cluster has GPUs")
     parser.add_argument("--address", help="an existing Ray cluster (default: RAY_ADDRESS, else a new local one)")
     parser.add_argument("--num-cpus", type=int, help="CPUs of the local cluster started when there is no --address")
@@ -516,7 +527,7 @@ def job_from_args(args: argparse.Namespace) -> TrainJobConfig:
     return TrainJobConfig(
         data=args.data, out=args.out, model=args.model, dim=args.dim, rank=args.rank, sets=args.sets,
         rafm_ranks=args.rafm_ranks, rafm_thresholds=args.rafm_thresholds, prune_epoch=args.prune_epoch, train=train,
-        workers=args.workers, cpus_per_worker=args.cpus_per_worker, device=args.device, address=args.address,
+        workers=args.workers, cpus_per_worker=args.cpus_per_worker, placement_strategy=args.placement_strategy, device=args.device, address=args.address,
         num_cpus=args.num_cpus, ray_temp_dir=args.ray_temp_dir, storage_path=args.storage_path,
         run_name=args.run_name, max_failures=args.max_failures, progress=not args.no_progress,
     )  # fmt: skip
