@@ -62,8 +62,9 @@ class FeatureBatch:
         schema: FeatureSchema,
         columns: Mapping[str, object],
         label: Sequence[float] | np.ndarray | Tensor | None = None,
+        check: bool = True,
     ) -> "FeatureBatch":
-        """Build from per-field columns.
+        """Build from per-field columns (``check``: the indices' ranges, see ``check``).
 
         A single-valued column is a sequence of ints. A multi-valued column is either
         a pair ``(values, weights)`` of equal-shape 2-D arrays (weight 0 = padding) or a
@@ -92,7 +93,8 @@ class FeatureBatch:
         batch = cls(fields, single_fields, single, bag_fields, bags, None)
         if label is not None:
             batch = batch.with_label(label)
-        batch.check(schema)
+        if check:
+            batch.check(schema)
         return batch
 
     def with_label(self, label: Sequence[float] | np.ndarray | Tensor) -> "FeatureBatch":

@@ -279,11 +279,9 @@ def run(args: argparse.Namespace) -> StreamBenchmark:
     bundle = save_bundle(work / "bundle", build_model(schema, "dplr_fwfm", args.dim, rank=args.rank))
     templates = synthetic_templates(schema, args.distinct, args.items, item_format=args.item_format, seed=args.seed)
     print(f"{args.replicas} scorer replica(s) on a local Ray; each rate on a fresh broker and deployment")
-    # Ray starts its workers 15 nicer than itself (worker_niceness); the floor runs at this
-    # process's niceness, so on a shared machine the replica would lose the CPU that the
-    # floor wins, and the ratio would measure the scheduler, not the scorer.
-    init_private_ray(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-                     _system_config={"worker_niceness": 0})  # fmt: skip
+    # The floor runs at this process's niceness: replicas at Ray's default (15 nicer) would
+    # lose the CPU the floor wins on a shared machine, and the ratio would measure the scheduler.
+    init_private_ray(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False, worker_niceness=0)
     try:
         print("rate steps:")
         steps, sustained = [], 0.0

@@ -210,7 +210,8 @@ def run_bench(args: BenchTrainJob) -> list[TrainThroughput]:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             temp_dir = f"/tmp/rs-bt-{sock.getsockname()[1]}"  # short: Ray's socket paths
-        init_private_ray(num_cpus=args.num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=temp_dir)
+        # Workers at the driver's niceness: Ray's default 15 yields to any niced work on the machine.
+        init_private_ray(num_cpus=args.num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=temp_dir, worker_niceness=0)
         try:
             for workers in args.workers:
                 for kind, rank in tqdm(configurations(args), desc=f"ray, {workers} worker(s)", unit="model"):

@@ -85,16 +85,22 @@ def ray_environment() -> dict[str, str]:
     return environment
 
 
-def init_private_ray(**options) -> None:
+def init_private_ray(worker_niceness: int | None = None, **options) -> None:
     """``ray.init`` of a private Ray for this process (a job run as a plain script, a
     benchmark, a test) with every port on the loopback address, like ``cluster up``'s head.
-    Only for a private Ray: a driver joining a multi-machine cluster needs its real address."""
+    Only for a private Ray: a driver joining a multi-machine cluster needs its real address.
+
+    ``worker_niceness``: Ray starts its workers 15 nicer than the driver by default; a
+    benchmark that compares them with work in the driver's process, or that shares the
+    machine with niced work, sets 0."""
     import ray
     from ray._private import ray_constants
 
     # Ray reads the switch once, at import; the processes it starts read the environment.
     os.environ[LOOPBACK_SWITCH] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
+    if worker_niceness is not None:
+        options["_system_config"] = {**options.get("_system_config", {}), "worker_niceness": worker_niceness}
     ray.init(address="local", **options)
 
 

@@ -32,7 +32,10 @@ from streaming.protocol import decode_auction, decode_reply, encode_auction
 SHARED_MOVIELENS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "movielens-1m-sample"
 PARTITIONS = 2
 REPLICAS = 2
-JOB_PROGRESS = re.compile(r"(epoch \d+/\d+: .*|wrote bundle .*|Error: .*)$")
+# The job's own lines: rank 0's epoch lines (behind Ray's worker prefix), the bundle line,
+# and the driver's final exception line (at a line's start; Ray's actors log lines with
+# "Error: " in them while a run succeeds).
+JOB_PROGRESS = re.compile(r"(epoch \d+/\d+: .*|wrote bundle .*|^[A-Za-z_][\w.]*(?:Error|Exception): .*)$")
 
 
 def _port(preferred: int) -> int:
@@ -61,9 +64,10 @@ def start_services(console: Console, temp_dir: str) -> tuple[KafkaClientConfig, 
     return kafka, cluster
 
 
-def prepare_data(console: Console, data: Path | None, out: Path, seed: int) -> Path:
-    """The MovieLens-1M sample when there is one, else planted synthetic click data."""
-    from model_zoo.data.movielens import MovieLensSource
+def prepare_data(console: Console, data: Path | None, out: Path, seed: int) -> tuple[Path, dict[str, str]]:
+    """The MovieLens-1M sample when there is one, else planted synthetic click data;
+    with the movie titles by id (none for synthetic data)."""
+    from model_zoo.data.movielens import MovieLensSource, movie_titles
     from model_zoo.data.prepare import PrepareConfig, prepare_dataset
     from model_zoo.data.synth import SynthConfig, write_synthetic
     from model_zoo.synthetic import PlantedConfig
@@ -78,7 +82,7 @@ def prepare_data(console: Console, data: Path | None, out: Path, seed: int) -> P
         planted = PlantedConfig(structure="dplr", rank=2, multi_fields=1, vocab_size=200, seed=seed)
         stats = write_synthetic(out, SynthConfig(planted=planted, rows=60_000, overwrite=True))
     console.print("rows: " + ", ".join(f"{split} {count:,}" for split, count in stats["rows"].items()))
-    return out
+    return out, {} if movielens is None else movie_titles(movielens / "movies.dat")
 
 
 def train_job(console: Console, cluster: LocalCluster, data: Path, bundle: Path, run_dir: Path, epochs: int) -> Path:
@@ -90,7 +94,9 @@ def train_job(console: Console, cluster: LocalCluster, data: Path, bundle: Path,
         f"--epochs {epochs} --lr 0.05 --storage-path {run_dir / 'ray_results'}"
     )
     client = JobSubmissionClient(cluster.dashboard_url, headers=auth_headers())
-    job_id = _submit(client, entrypoint)
+    # Ray Train's own actors (e.g. its placement-group cleaner) query the State API; without
+    # an address they look for "the" local Ray and fail when another runs on the machine.
+    job_id = _submit(client, entrypoint, {"env_vars": {"RAY_ADDRESS": cluster.address}})
     console.print(f"submitted {job_id}: {entrypoint}")
     console.print(f"watch it in the dashboard: {cluster.dashboard_url}/#/jobs/{job_id} (Train view: {cluster.dashboard_url}/#/train)")
     log_path = run_dir / "train-job.log"
@@ -113,12 +119,12 @@ def train_job(console: Console, cluster: LocalCluster, data: Path, bundle: Path,
     return bundle
 
 
-def _submit(client: Any, entrypoint: str, timeout_s: float = 120.0) -> str:
+def _submit(client: Any, entrypoint: str, runtime_env: dict[str, Any], timeout_s: float = 120.0) -> str:
     """Submit, waiting for the head's job agent: a fresh head refuses jobs for a few seconds."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            return client.submit_job(entrypoint=entrypoint)
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
         except RuntimeError as error:
             if "No available agent" not in str(error) or time.monotonic() > deadline:
                 raise
@@ -143,13 +149,14 @@ def send_auctions(console: Console, kafka: KafkaClientConfig, data: Path, count:
     return run_load(kafka, templates, LoadConfig(count=count, rate=rate, progress=True))
 
 
-def example_auction(data: Path, http_port: int) -> tuple[dict[str, Any], list[tuple[str, float]]]:
-    """One auction of the test split over HTTP, asking for its top 5 items."""
+def example_auction(data: Path, http_port: int, titles: dict[str, str]) -> tuple[dict[str, Any], list[tuple[str, float]]]:
+    """One auction of the test split over HTTP, asking for its top 5 items (labelled by
+    the first item field's raw value, and its title when ``titles`` has it)."""
     template = dataset_templates(data, count=1, items_per_auction=50, item_format="columns")[0]
     auction = decode_auction(template.stamp("demo-example", 0))
     columns = auction.item_columns or {}
     first_field = next(iter(columns))
-    labels = [f"{first_field}={value}" for value in columns[first_field]]
+    labels = [f"{first_field}={value}" + (f" {titles[str(value)]}" if str(value) in titles else "") for value in columns[first_field]]
     ids = [f"{label}#{n}" if labels.count(label) > 1 else label for n, label in enumerate(labels)]
     message = encode_auction("demo-example", auction.context, {"item_id": ids, "features": columns}, top_k=5)
     request = urllib.request.Request(
@@ -176,7 +183,7 @@ def report(
     context, top = example
     console.print(f"example auction, context {context}:")
     for item, score in top:
-        console.print(f"  {item:30s} {score:.4f}")
+        console.print(f"  {item:50s} {score:.4f}")
     latency = load.latency_ms
     console.print(
         f"stream: {load.scored:,}/{load.sent:,} auctions scored ({load.missing} missing, {load.duplicates} duplicates, "
@@ -212,11 +219,11 @@ def handle(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         kafka, cluster = start_services(console, args.temp_dir)
-        data = prepare_data(console, Path(args.data).resolve() if args.data else None, run_dir / "data", args.seed)
+        data, titles = prepare_data(console, Path(args.data).resolve() if args.data else None, run_dir / "data", args.seed)
         bundle = train_job(console, cluster, data, run_dir / "bundle", run_dir, args.epochs)
         http_port = deploy_scorer(console, cluster, kafka, bundle)
         load = send_auctions(console, kafka, data, args.auctions, args.rate)
-        report(console, bundle, load, example_auction(data, http_port), run_dir, cluster)
+        report(console, bundle, load, example_auction(data, http_port, titles), run_dir, cluster)
     except BaseException:
         if not args.keep:
             tear_down(console, args.temp_dir)

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from model_zoo.batch import FeatureBatch
 from model_zoo.bundle import save_bundle
 from model_zoo.data.layout import SPLITS, VOCAB_DIR, columns_for, load_schema, split_dir
-from model_zoo.data.reader import batch_from_table, iter_tables
+from model_zoo.data.reader import batch_from_table, check_index_ranges, iter_tables
 from model_zoo.diagnostics import (
     embedding_set_information_abundance,
     field_information_abundance,
@@ -64,6 +64,9 @@ CRASH_ENV = "RANKSTREAM_TEST_CRASH_WORKER"
 MODEL_FILE, BEST_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "best.safetensors", "optimizer.pt", "state.json"
 
 
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+
+
 class TrainJobConfig(BaseModel):
     """`rankstream train`: its flags are these fields, TrainConfig's and the model kind's."""
 
@@ -75,6 +78,8 @@ class TrainJobConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     workers: int = Field(default=2, ge=1)
     cpus_per_worker: float = Field(default=0.5, gt=0, description="fractional leaves CPU for Ray Data (2-core deadlock)")
+    placement_strategy: PlacementStrategy = Field(
+        default="PACK", description="of the workers over the cluster's nodes (Ray placement-group strategy)")
     device: Literal["auto", "cpu", "gpu"] = Field(default="auto", description="auto: GPU workers when the cluster has GPUs")
     address: str | None = Field(default=None, description="an existing Ray cluster (default: RAY_ADDRESS, else a new local one)")
     num_cpus: int | None = Field(default=None, ge=1, description="CPUs of the local cluster started when there is no --address")
@@ -89,6 +94,7 @@ class RunState(TrainingState):
     """What a checkpoint carries besides tensors."""
 
     attempt_start_epochs: list[int] = Field(default_factory=list)
+    nodes: int = 1  # Ray nodes the latest attempt's workers ran on
     test: dict[str, float] | None = None  # set once training has finished
 
 
@@ -153,7 +159,7 @@ def gather_rows(values: np.ndarray) -> np.ndarray:
 def evaluate_shard(model: RankingModel, shard: Any, batch_size: int, device: torch.device) -> dict[str, float]:
     """Metrics over the whole split: every worker predicts its shard, all rows are gathered."""
     schema = model.schema
-    batches = (batch_from_table(schema, b).to(device) for b in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow"))
+    batches = (batch_from_table(schema, b, checked=True).to(device) for b in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow"))
     labels, outputs = predict(model, batches)
     labels, outputs = gather_rows(labels.astype(np.float32)), gather_rows(outputs.astype(np.float32))
     metrics = task_metrics(schema.task, labels, outputs) if len(labels) else {}
@@ -221,6 +227,9 @@ def train_loop(config: dict[str, Any]) -> None:
     counts = None if config["feature_counts"] is None else np.asarray(config["feature_counts"], dtype=np.int64)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    # Ray nodes the workers run on (by node id: nodes of one machine share an address).
+    node = np.frombuffer(bytes.fromhex(ray.get_runtime_context().get_node_id()), dtype=np.uint8).copy()
+    nodes = len(np.unique(gather_rows(node).reshape(world, -1), axis=0))
     device = ray.train.torch.get_device()
     model = new_model(job, schema, config["sparse"], counts).to(device)
     trainer = Trainer(model, job.train, exchange=ShardedExchange(model) if world > 1 else None)
@@ -231,6 +240,7 @@ def train_loop(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             state = read_checkpoint(Path(directory), trainer)
     state.attempt_start_epochs.append(state.next_epoch)
+    state.nodes = nodes
 
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard, test_shard = ray.train.get_dataset_shard("valid"), ray.train.get_dataset_shard("test")
@@ -238,7 +248,7 @@ def train_loop(config: dict[str, Any]) -> None:
     def train_batches(epoch: int) -> Iterator[FeatureBatch]:
         # Arrow tables: list columns convert through their offsets, not row by row.
         for number, data in enumerate(train_shard.iter_batches(batch_size=job.train.batch_size, batch_format="pyarrow")):
-            yield batch_from_table(schema, data).to(device)
+            yield batch_from_table(schema, data, checked=True).to(device)  # run_training checked the ranges
             if number == 0:
                 _maybe_crash(config.get("crash"), epoch, rank, world)
 
@@ -328,6 +338,7 @@ def run_training(job: TrainJobConfig) -> Path:
     from ray.train.torch import TorchTrainer
 
     schema = load_schema(job.data)
+    check_index_ranges(job.data, schema)  # once, from the parquet footers: batches skip the check
     epoch_hooks(job)
     counts = feature_counts(job.data, schema) if job.model.kind == "rafm" else None
     connect_ray(job)
@@ -350,7 +361,8 @@ def run_training(job: TrainJobConfig) -> Path:
             "job": job.model_dump(mode="json"), "schema": schema.to_json(), "sparse": sparse,
             "feature_counts": None if counts is None else counts.tolist(), "crash": os.environ.get(CRASH_ENV),
         },
-        scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=use_gpu, resources_per_worker=resources,
+                                     placement_strategy=job.placement_strategy),
         run_config=RunConfig(
             name=run_name,
             storage_path=None if job.storage_path is None else str(job.storage_path.resolve()),
@@ -381,6 +393,7 @@ def write_training_bundle(job: TrainJobConfig, model: RankingModel, state: RunSt
         "best_epoch": state.best_epoch,
         "history": [report.model_dump() for report in state.history],
         "attempt_start_epochs": state.attempt_start_epochs,
+        "nodes": state.nodes,
         "information_abundance": {"per_field": per_field, "mean": float(np.mean(list(per_field.values()))), "per_set": per_set},
         "ray_train_run": run_name,
     }

@@ -12,7 +12,7 @@ import torch
 
 from model_zoo.batch import concat_batches
 from model_zoo.data.layout import columns_for, load_schema, split_files
-from model_zoo.data.reader import batch_from_numpy, batch_from_table, iter_batches, iter_tables, load_split
+from model_zoo.data.reader import batch_from_numpy, batch_from_table, check_index_ranges, iter_batches, iter_tables, load_split
 from model_zoo.data.synth import SynthConfig, write_synthetic
 from model_zoo.synthetic import PlantedConfig
 
@@ -90,3 +90,27 @@ def test_padded_numpy_lists_are_accepted(dataset):
     bag = expected.bags[0]
     data["i1"], data["i1__weights"] = bag.values.numpy(), bag.weights.numpy()  # already 2-D
     assert np.array_equal(batch_from_numpy(schema, data).bags[0].values.numpy(), bag.values.numpy())
+
+
+def test_index_ranges_are_checked_once_from_the_parquet_footers(dataset, tmp_path):
+    import shutil
+
+    import pyarrow as pa
+
+    schema = load_schema(dataset)
+    check_index_ranges(dataset, schema)  # as written: inside every vocabulary
+    broken = tmp_path / "broken"
+    shutil.copytree(dataset, broken)
+    path = split_files(broken, "valid")[0]
+    table = pq.read_table(path)
+    bag = schema.fields[-1]  # a multi-valued field: its list values' statistics
+    values = table[bag.name].combine_chunks()
+    flat = values.flatten().to_numpy().copy()
+    flat[-1] = bag.vocab_size
+    table = table.set_column(table.schema.get_field_index(bag.name), bag.name, pa.ListArray.from_arrays(values.offsets, pa.array(flat, pa.int32())))
+    pq.write_table(table, path)
+    with pytest.raises(ValueError, match=rf"field '{bag.name}' has indices outside \[0, {bag.vocab_size}\): min \d+, max {bag.vocab_size}"):
+        check_index_ranges(broken, schema)
+    with pytest.raises(ValueError, match="indices outside"):  # what the unchecked path would have let through
+        batch_from_table(schema, table)
+    assert int(batch_from_table(schema, table, checked=True).bags[-1].values.max()) == bag.vocab_size

@@ -30,7 +30,8 @@ def readme_example(name: str) -> str:
     return match.group(1)
 
 
-def test_demo_runs_end_to_end_and_down_stops_what_it_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_runs_end_to_end_and_down_stops_what_it_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("RANKSTREAM_STATE_DIR", str(tmp_path / "state"))
     temp_dir = f"/tmp/rs-demo-{free_port()}"
     run_dir = tmp_path / "run"
@@ -48,8 +49,11 @@ def test_demo_runs_end_to_end_and_down_stops_what_it_kept(tmp_path: Path, monkey
         assert scores == sorted(scores, reverse=True)
         assert (run_dir / "bundle" / "weights.safetensors").is_file()
         assert "epoch 1/1" in (run_dir / "train-job.log").read_text()
+        shown = capsys.readouterr().out
+        assert "job epoch 1/1" in shown and "Error" not in shown  # a successful run shows no error line
         assert cluster_status(temp_dir) is not None and broker_status() is not None  # --keep
         if json.loads((run_dir / "data" / "stats.json").read_text()).get("dataset") == "movielens1m":
+            assert all(re.fullmatch(r"movie_id=\d+ .+ \(\d{4}\)(#\d+)?", item) for item, _ in report["example_top_items"])
             environment = {**os.environ, "RANKSTREAM_BOOTSTRAP_SERVERS": broker_status().bootstrap_servers}
             result = subprocess.run([sys.executable, "-c", readme_example("kafka-python")], env=environment,
                                     capture_output=True, text=True, timeout=120)

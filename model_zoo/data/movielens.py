@@ -74,6 +74,12 @@ def read_movies(path: Path, malformed: Malformed) -> SideTable:
     return SideTable(pa.array(ids, pa.int64()), {"genres": split_multi(clean(pa.array(genres, pa.string())), "|")})
 
 
+def movie_titles(path: Path) -> dict[str, str]:
+    """Movie id (as the vocabulary's token) → title, from ``movies.dat``: what a person
+    recognises beside an id."""
+    return {parts[0].strip(): parts[1] for parts in _side_lines(path, 3, "movies", Malformed())}
+
+
 def _side_lines(path: Path, columns: int, kind: str, malformed: Malformed) -> Iterator[list[str]]:
     seen: set[int] = set()
     with path.open(encoding=ENCODING, newline="") as handle:

@@ -12,17 +12,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from model_zoo.batch import FeatureBatch
-from model_zoo.data.layout import columns_for, load_schema, split_files, weights_column
+from model_zoo.data.layout import SPLITS, columns_for, load_schema, split_files, weights_column
 from model_zoo.schema import FeatureSchema, Kind
 
 DEFAULT_SHUFFLE_BUFFER_ROWS = 1 << 18
 
 
 def batch_from_table(
-    schema: FeatureSchema, table: pa.Table | pa.RecordBatch, fields: Sequence[str] | None = None
+    schema: FeatureSchema, table: pa.Table | pa.RecordBatch, fields: Sequence[str] | None = None, *, checked: bool = False
 ) -> FeatureBatch:
     """The rows of ``table`` (in the prepared layout) over ``fields`` (default: every
-    schema field); the label is attached when the table has it."""
+    schema field); the label is attached when the table has it. ``checked``: the rows
+    come from a dataset whose index ranges ``check_index_ranges`` has passed (no
+    per-batch range check)."""
     names = schema.ordered(list(fields if fields is not None else schema.names))
     columns: dict[str, object] = {}
     for name in names:
@@ -33,7 +35,32 @@ def batch_from_table(
             weights = _column(table, weights_column(name))
             columns[name] = (_padded(values, np.int64), _padded(weights, np.float32))
     label = _column(table, schema.label).to_numpy().astype(np.float32) if schema.label in table.column_names else None
-    return FeatureBatch.from_columns(schema, columns, label)
+    return FeatureBatch.from_columns(schema, columns, label, check=not checked)
+
+
+def check_index_ranges(directory: str | Path, schema: FeatureSchema) -> None:
+    """Every split's indices inside their fields' vocabularies, from the parquet footers'
+    row-group min/max (what the writer recorded; no row is read): once per dataset,
+    where the training loop then skips the per-batch check."""
+    for split in SPLITS:
+        for path in split_files(directory, split):
+            metadata = pq.ParquetFile(path).metadata
+            leaf_field = {metadata.schema.column(i).path.split(".")[0]: i for i in range(metadata.num_columns)}
+            for spec in schema.fields:
+                if spec.name not in leaf_field:
+                    raise ValueError(f"{path} lacks the column {spec.name!r}")
+                for group in range(metadata.num_row_groups):
+                    column = metadata.row_group(group).column(leaf_field[spec.name])
+                    stats = column.statistics
+                    if column.num_values == 0:
+                        continue
+                    if stats is None or not stats.has_min_max:
+                        raise ValueError(f"{path}: no min/max statistics for {spec.name!r} (written without statistics)")
+                    if stats.min < 0 or stats.max >= spec.vocab_size:
+                        raise ValueError(
+                            f"{path}: field {spec.name!r} has indices outside [0, {spec.vocab_size}): "
+                            f"min {stats.min}, max {stats.max}"
+                        )
 
 
 def batch_from_numpy(
