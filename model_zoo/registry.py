@@ -40,6 +40,21 @@ KINDS = tuple(MODELS) + tuple(f"me_{kind}" for kind in MULTI_EMBEDDING_BASES)
 KINDS += tuple(f"me_{kind}" for kind in DEEP_MULTI_EMBEDDING_BASES)
 
 
+# Models swept over a rank: DPLR's ρ, the pruned FwFM's matched ρ(m+1) kept entries, and
+# tensorFM of order 2 at CP rank ρ (W: 2ρm numbers against DPLR's ρ(m+1); R = M + Mᵀ of
+# rank ≤ 2ρ, plus its diagonal).
+RANKED_KINDS = (DPLRFwFM.kind, PrunedFwFM.kind, TensorFM.kind)
+
+
+def rank_options(kind: str, rank: int | None) -> dict[str, Any]:
+    """The model options that give ``kind`` the interaction rank ``rank`` (none for unranked kinds)."""
+    if kind not in RANKED_KINDS or rank is None:
+        return {}
+    if kind == TensorFM.kind:
+        return {"orders": [2], "cp_ranks": [rank]}
+    return {"rank": rank}
+
+
 def build_model(schema: FeatureSchema, kind: str, dim: int, **options: Any) -> RankingModel:
     """A fresh model; ``options`` are the model's own keyword arguments (rank, sparse, sets, …)."""
     if kind.startswith("me_") and kind[3:] in MULTI_EMBEDDING_BASES:
