@@ -42,13 +42,12 @@ from model_zoo.metrics import primary_metric
 from model_zoo.models.base import RankingModel
 from model_zoo.models.fwfm import FwFM
 from model_zoo.models.pruned_fwfm import PrunedFwFM
-from model_zoo.registry import build_model
+from model_zoo.registry import RANKED_KINDS, build_model, rank_options
 from model_zoo.schema import FeatureSchema, Task
 from model_zoo.training import EpochReport, TrainConfig, evaluate, fit_in_memory, minibatches, uses_sparse_gradients
 from rayjobs.bench_scoring import time_auction
 
-TUNABLE_KINDS = ("fm", "fwfm", "dplr_fwfm")  # pruned_fwfm needs a trained FwFM: see `experiment table1`
-RANKED_KINDS = ("dplr_fwfm", "pruned_fwfm")
+TUNABLE_KINDS = ("fm", "fwfm", "dplr_fwfm", "tensorfm")  # pruned_fwfm needs a trained FwFM: see `experiment table1`
 WEIGHTS_FILE = "weights.safetensors"
 
 
@@ -130,15 +129,14 @@ def build_trial_model(
         fwfm = FwFM(schema, dim, sparse=sparse)
         fwfm.load_state_dict(fwfm_state)
         return PrunedFwFM.from_fwfm(fwfm, rank or 1)
-    return build_model(schema, kind, dim, sparse=sparse, **({"rank": rank} if kind in RANKED_KINDS else {}))
+    return build_model(schema, kind, dim, sparse=sparse, **rank_options(kind, rank))
 
 
 def load_trial_model(schema: FeatureSchema, record: TrialRecord) -> RankingModel:
     """A trial's best weights (its checkpoint) in an inference model."""
     if record.checkpoint is None:
         raise ValueError(f"trial {record.trial_id} has no checkpoint")
-    options = {"rank": record.rank} if record.kind in RANKED_KINDS else {}
-    model = build_model(schema, record.kind, record.dim, **options)
+    model = build_model(schema, record.kind, record.dim, **rank_options(record.kind, record.rank))
     model.load_state_dict(load_file(str(Path(record.checkpoint) / WEIGHTS_FILE)))
     return model.eval()
 
