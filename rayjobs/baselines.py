@@ -6,7 +6,7 @@ split as rankstream's own models and scored on the same test split, in one table
 - myfm's Bayesian FM (Gibbs sampling; regression or probit classification) on the same
   one-hot features, every field included (``pip install 'rankstream[baselines]'``);
 - for rating data, scikit-surprise's BaselineOnly, SVD and SVD++ on (user, item) alone;
-- rankstream's FM, FwFM and DPLR-FwFM trained with the default recipe
+- rankstream's FM, FwFM, DPLR-FwFM and tensorFM (order 2) trained with the default recipe
   (``TrainConfig``'s defaults), the way ``rankstream train`` trains them.
 
 Every model sees the training split only; choices (regularisation, epochs) use the
@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import scipy.sparse as sp
@@ -29,11 +29,9 @@ import torch
 
 from model_zoo.batch import FeatureBatch
 from model_zoo.metrics import constant_baseline, primary_metric, task_metrics
-from model_zoo.model_config import CONFIG_BY_KIND
-from model_zoo.registry import build_model
 from model_zoo.schema import FeatureSchema, Role, Task
 from model_zoo.training import TrainConfig, evaluate, fit_in_memory, minibatches, uses_sparse_gradients
-from rayjobs.tune import Splits, load_splits, parameter_count
+from rayjobs.tune import Splits, TunableKind, architectures, build_trial_model, load_splits, parameter_count
 
 EXTRAS_HINT = "pip install 'rankstream[baselines]'  (myfm, scikit-surprise)"
 LINEAR_STRENGTHS = (0.1, 1.0, 10.0, 100.0)  # sklearn's C (logistic) or alpha (ridge), chosen on validation
@@ -130,8 +128,13 @@ def _logit(probabilities: np.ndarray) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
-def surprise_models(splits: Splits, user_field: str, item_field: str, seed: int) -> list[PeerResult]:
-    """BaselineOnly, SVD and SVD++ on (user, item, rating) alone, library defaults."""
+SURPRISE_MODELS = ("BaselineOnly", "SVD", "SVD++")
+
+
+def surprise_models(
+    splits: Splits, user_field: str, item_field: str, seed: int, names: tuple[str, ...] = SURPRISE_MODELS
+) -> list[PeerResult]:
+    """BaselineOnly, SVD and SVD++ (or those named) on (user, item, rating) alone, library defaults."""
     import pandas as pd
     from surprise import SVD, BaselineOnly, Dataset, Reader, SVDpp
 
@@ -147,7 +150,8 @@ def surprise_models(splits: Splits, user_field: str, item_field: str, seed: int)
     frame = pd.DataFrame(triples(splits.train), columns=["user", "item", "rating"])
     trainset = Dataset.load_from_df(frame, reader).build_full_trainset()
     results = []
-    for name, make in (("BaselineOnly", BaselineOnly), ("SVD", SVD), ("SVD++", SVDpp)):
+    algorithms = {"BaselineOnly": BaselineOnly, "SVD": SVD, "SVD++": SVDpp}
+    for name, make in ((name, algorithms[name]) for name in names):
         started = time.perf_counter()
         options = {} if make is BaselineOnly else {"random_state": seed}
         algorithm = make(**options)
@@ -163,18 +167,28 @@ def surprise_models(splits: Splits, user_field: str, item_field: str, seed: int)
     return results
 
 
-def rankstream_model(splits: Splits, kind: str, dim: int, rank: int | None, config: TrainConfig) -> PeerResult:
-    """One of rankstream's models with the default recipe, as ``rankstream train`` runs it."""
+def rankstream_model(splits: Splits, arch: dict[str, Any], config: TrainConfig) -> PeerResult:
+    """One of rankstream's models (a model configuration, as ``architectures`` gives it)
+    with the default recipe, as ``rankstream train`` runs it."""
     started = time.perf_counter()
     torch.manual_seed(config.seed)
-    options = {"rank": rank} if "rank" in CONFIG_BY_KIND[kind].model_fields else {}
-    model = build_model(splits.schema, kind, dim, sparse=uses_sparse_gradients(config.optimizer), **options)
+    model = build_trial_model(splits.schema, arch, sparse=uses_sparse_gradients(config.optimizer))
     result = fit_in_memory(model, config, splits.train, splits.valid)
     test = evaluate(model, minibatches(splits.test, config.eval_batch_size))
-    settings = {"dim": dim, **options, "epochs_run": len(result.history), "best_epoch": result.best_epoch + 1,
+    options = {k: v for k, v in arch.items() if k not in ("model", "dim")}
+    settings = {"dim": arch["dim"], **options, "epochs_run": len(result.history), "best_epoch": result.best_epoch + 1,
                 "parameters": parameter_count(model)}  # fmt: skip
-    name = {"fm": "FM", "fwfm": "FwFM", "dplr_fwfm": f"DPLR-FwFM rank {rank}"}[kind]
-    return row(name, "rankstream", settings, result.best_valid, test, time.perf_counter() - started)
+    return row(model_name(arch), "rankstream", settings, result.best_valid, test, time.perf_counter() - started)
+
+
+def model_name(arch: dict[str, Any]) -> str:
+    kind = arch["model"]
+    if kind == "dplr_fwfm":
+        return f"DPLR-FwFM rank {arch['rank']}"
+    if kind == "tensorfm":
+        orders, ranks = "+".join(map(str, arch["orders"])), "+".join(map(str, arch["cp_ranks"]))
+        return f"tensorFM order {orders}, CP rank {ranks}"
+    return {"fm": "FM", "fwfm": "FwFM"}.get(kind, kind)
 
 
 def default_user_item(schema: FeatureSchema) -> tuple[str, str] | None:
@@ -214,11 +228,10 @@ def run_baselines(args: argparse.Namespace) -> int:
     default = default_user_item(schema) or (None, None)
     user_item = (args.user_field or default[0], args.item_field or default[1])
     if task == Task.regression and None not in user_item and "scikit-surprise" not in missing:
-        steps.append(lambda: surprise_models(splits, *user_item, seed=args.seed))
+        steps.append(lambda: surprise_models(splits, *user_item, seed=args.seed, names=tuple(args.surprise)))
     config = TrainConfig(seed=args.seed)
-    for kind in args.kinds:
-        for rank in args.ranks if "rank" in CONFIG_BY_KIND[kind].model_fields else [None]:
-            steps.append(lambda kind=kind, rank=rank: [rankstream_model(splits, kind, args.dim, rank, config)])
+    for arch in architectures(args.kinds, [args.dim], args.ranks):
+        steps.append(lambda arch=arch: [rankstream_model(splits, arch, config)])
     train_labels = labels_of(splits.train)
     constant = {s: constant_baseline(task, train_labels, labels_of(getattr(splits, s))) for s in ("valid", "test")}
     rows = [row("constant (train mean)", "-", {}, constant["valid"], constant["test"], 0.0)]
@@ -244,10 +257,12 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="a prepared dataset (rankstream prepare / synth)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--dim", type=int, default=8, help="embedding size of rankstream's models")
-    parser.add_argument("--kinds", nargs="+", default=["fm", "fwfm", "dplr_fwfm"], help="rankstream models to train")
-    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3], help="DPLR ranks")
+    parser.add_argument("--kinds", nargs="+", choices=get_args(TunableKind), default=list(get_args(TunableKind)), help="rankstream models to train")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3], help="DPLR ranks and tensorFM's CP ranks")
     parser.add_argument("--myfm-rank", type=int, default=8)
     parser.add_argument("--myfm-iterations", type=int, default=200, help="MCMC iterations")
+    parser.add_argument("--surprise", nargs="+", choices=SURPRISE_MODELS, default=list(SURPRISE_MODELS),
+                        help="scikit-surprise models for rating data (SVD++ takes ~20 min on the MovieLens sample)")
     parser.add_argument("--user-field", help="surprise's user column (default: the first context field)")
     parser.add_argument("--item-field", help="surprise's item column (default: the first item field)")
     parser.add_argument("--seed", type=int, default=0)

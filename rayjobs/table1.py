@@ -1,7 +1,8 @@
 """``rankstream experiment table1``: the DPLR-FwFM paper's Table 1 protocol on a prepared
 dataset.
 
-For each embedding dim: FM, FwFM and DPLR ranks ρ, each with its learning rate chosen
+For each embedding dim: FM, FwFM, DPLR ranks ρ and tensorFM of order 2 at CP rank ρ
+(W: 2ρm numbers against DPLR's ρ(m+1); R = M + Mᵀ of rank ≤ 2ρ, plus its diagonal), each with its learning rate chosen
 on validation from a grid (one Ray Tune run, its L2 strength too); then the pruned FwFM of each rank — the
 validation-best FwFM of that dim keeping its ρ(m+1) largest |R_ij| (the paper's
 parameter match), fine-tuned with its own learning rate grid (a second Tune run; the
@@ -93,6 +94,7 @@ def table_rows(
                     "fm": selected[("fm", dim, None)].test[metric],
                     "fwfm": selected[("fwfm", dim, None)].test[metric],
                     "dplr": selected[("dplr_fwfm", dim, rank)].test[metric],
+                    "tensorfm": selected[("tensorfm", dim, rank)].test[metric],
                     "pruned": selected[("pruned_fwfm", dim, rank)].test[metric],
                 }
                 values["dplr_vs_pruned_pct"] = dplr_vs_pruned_pct(metric, values["dplr"], values["pruned"])
@@ -113,7 +115,8 @@ def markdown(name: str, rows: list[dict[str, Any]], dims: list[int], pruned: str
     """The paper's layout; ``pruned="pruned_as_cut"`` shows the pruned models before fine-tuning."""
     header = ["Dataset (Metric)", "Rank", "Pruned sparsity"]
     for dim in dims:
-        header += [f"FM k={dim}", f"FwFM k={dim}", f"DPLR k={dim}", f"Pruned k={dim}", f"DPLR vs Pruned (%) k={dim}"]
+        header += [f"FM k={dim}", f"FwFM k={dim}", f"DPLR k={dim}", f"tensorFM k={dim}", f"Pruned k={dim}",
+                   f"DPLR vs Pruned (%) k={dim}"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     previous = None
     for row in rows:
@@ -122,8 +125,8 @@ def markdown(name: str, rows: list[dict[str, Any]], dims: list[int], pruned: str
         cells = [title, str(row["rank"]), f"{row['pruned_sparsity_pct']:.1f}%"]
         for dim in dims:
             values = row["dims"][str(dim)]
-            numbers = [values["fm"], values["fwfm"], values["dplr"], values[pruned], values[f"dplr_vs_{pruned}_pct"]]
-            cells += [f"{v:.4f}" for v in numbers[:4]] + [f"{numbers[4]:.2f}%"]
+            numbers = [values["fm"], values["fwfm"], values["dplr"], values["tensorfm"], values[pruned]]
+            cells += [f"{v:.4f}" for v in numbers] + [f"{values[f'dplr_vs_{pruned}_pct']:.2f}%"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -131,7 +134,7 @@ def markdown(name: str, rows: list[dict[str, Any]], dims: list[int], pruned: str
 def selection_markdown(selected: dict[tuple, TrialRecord]) -> str:
     """Each cell's chosen learning rate and L2, and how long it trained (epoch 0 of a
     pruned model is the model as cut)."""
-    order = {"fm": 0, "fwfm": 1, "dplr_fwfm": 2, "pruned_fwfm": 3}
+    order = {"fm": 0, "fwfm": 1, "dplr_fwfm": 2, "tensorfm": 3, "pruned_fwfm": 4}
     records = sorted(selected.values(), key=lambda r: (r.dim, order[r.kind], r.rank or 0))
     return markdown_table([
         {"model": r.kind, "k": r.dim, "rank": r.rank, "lr": r.learning_rate, "l2": r.l2, "epochs trained": r.epochs_run,
@@ -157,7 +160,7 @@ def run_table1(job: Table1Job) -> int:
     with ray_session(job.address, job.num_cpus):
         full = run_trials(
             splits, job,
-            {"arch": tune.grid_search(architectures(["fm", "fwfm", "dplr_fwfm"], job.dims, job.ranks)),
+            {"arch": tune.grid_search(architectures(["fm", "fwfm", "dplr_fwfm", "tensorfm"], job.dims, job.ranks)),
              "learning_rate": tune.grid_search(job.lr_grid), "l2": tune.grid_search(job.l2_grid)},
             storage=storage, name="table1-full",
         )  # fmt: skip

@@ -165,6 +165,15 @@ def architectures(kinds: list[str], dims: list[int], ranks: list[int], orders: l
     return configs
 
 
+def interaction_rank(arch: dict[str, Any]) -> int | None:
+    """The rank a trial is tabulated by: DPLR's (or the pruned FwFM's) ρ, tensorFM's CP rank
+    when every order has the same one (as ``architectures`` builds them)."""
+    if "rank" in arch:
+        return arch["rank"]
+    cp_ranks = set(arch.get("cp_ranks", ()))
+    return cp_ranks.pop() if len(cp_ranks) == 1 else None
+
+
 def describe(arch: dict[str, Any]) -> str:
     """``kind k=… option=…`` of a model configuration."""
     options = " ".join(f"{k}={v}" for k, v in arch.items() if k not in ("model", "dim"))
@@ -335,7 +344,7 @@ def run_trials(
         epochs_run, best_epoch = int(metrics["epoch"]), int(metrics["best_epoch"])
         records.append(
             TrialRecord(
-                trial_id=metrics["trial_id"], kind=arch["model"], dim=arch["dim"], rank=arch.get("rank"), model=arch,
+                trial_id=metrics["trial_id"], kind=arch["model"], dim=arch["dim"], rank=interaction_rank(arch), model=arch,
                 learning_rate=result.config["learning_rate"], l2=result.config["l2"], epochs_run=epochs_run,
                 best_epoch=best_epoch, hit_epoch_cap=epochs_run >= settings.train.epochs and best_epoch == epochs_run,
                 valid=_prefixed(metrics, "best_valid_"), test=_prefixed(metrics, "test_"),

@@ -1,13 +1,16 @@
-"""The default training recipe (``TrainConfig()``) learns planted pairwise interactions:
+"""The default training recipe (``TrainConfig()``, its learning rate tuned) learns planted pairwise interactions:
 FwFM and DPLR-FwFM trained with it clearly beat the best linear model on the same
-features, which sees no pairs, and stop early rather than at the epoch cap. (They stay
-~0.06 AUC below the planted model's own AUC on this little data; the linear model ~0.10.)"""
+features, which sees no pairs, and converge within the epoch cap. (They stay ~0.06 AUC
+below the planted model's own AUC on this little data; the linear model ~0.10.)"""
 
 import json
 
 import pytest
+import torch
 
 from model_zoo.data.synth import SynthConfig, write_synthetic
+from model_zoo.models.base import INTERACTION_L2_SHARE
+from model_zoo.models.pruned_fwfm import PrunedFwFM
 from model_zoo.registry import build_model
 from model_zoo.synthetic import PlantedConfig
 from model_zoo.training import TrainConfig, evaluate, fit_in_memory, minibatches, uses_sparse_gradients
@@ -30,12 +33,38 @@ def linear_auc(planted):
     return linear_model(splits, features)["test"]["auc"]
 
 
-@pytest.mark.parametrize("kind, options", [("fwfm", {}), ("dplr_fwfm", {"rank": 2})])
-def test_default_recipe_learns_the_planted_interactions(planted, linear_auc, kind, options):
+# The default recipe with the learning rate table1's grid picks: at 0.05 the FwFM, its R
+# under L2, still gains 0.003 validation AUC over epochs 40-50 (test AUC 0.795 at the cap);
+# at 0.1 it converges (best epoch 29 of 33, test 0.801).
+@pytest.mark.parametrize("kind, options, learning_rate", [("fwfm", {}, 0.1), ("dplr_fwfm", {"rank": 2}, 0.05)])
+def test_default_recipe_learns_the_planted_interactions(planted, linear_auc, kind, options, learning_rate):
     splits, oracle = planted
-    config = TrainConfig()
+    config = TrainConfig(learning_rate=learning_rate)
     model = build_model(splits.schema, kind, 8, sparse=uses_sparse_gradients(config.optimizer), **options)
     result = fit_in_memory(model, config, splits.train, splits.valid)
     auc = evaluate(model, minibatches(splits.test, config.eval_batch_size))["auc"]
-    assert result.best_epoch < len(result.history) - 1 or len(result.history) < config.epochs  # converged, not capped
+    assert len(result.history) < config.epochs  # converged: early stopping ended it, not the cap
     assert auc > linear_auc + 0.02, (auc, linear_auc, oracle)
+
+
+@pytest.mark.parametrize("kind, options, parameters", [
+    ("fwfm", {}, ["interaction_weights"]),
+    ("dplr_fwfm", {"rank": 2}, ["factor_matrix", "eigen"]),
+    ("tensorfm", {"orders": [2, 3], "cp_ranks": [1, 2]}, ["factors.0", "factors.1"]),
+])  # fmt: skip
+def test_l2_reaches_the_interaction_parameters(planted, kind, options, parameters):
+    """Unpenalised, FwFM's R and DPLR's U, e let those models overfit where FM, which has
+    none, does not (MovieLens sample: FwFM test RMSE 0.979 against FM's 0.970)."""
+    splits, _ = planted
+    model = build_model(splits.schema, kind, 4, **options).train()
+    batch = splits.train.rows(torch.arange(5))
+    named = dict(model.named_parameters())
+    interaction = sum(float(named[name].detach().square().sum()) for name in parameters)
+    rows = model.embedding(batch).row_sq_norm
+    torch.testing.assert_close(model.training_outputs(batch).row_sq_norm, rows + 5 * INTERACTION_L2_SHARE * interaction)
+    pruned = PrunedFwFM.from_fwfm(model, 1) if kind == "fwfm" else None
+    if pruned is not None:  # the pruned model penalises only the entries it keeps
+        kept = float((pruned.interaction_weights * pruned.kept).square().sum())
+        torch.testing.assert_close(pruned.train().training_outputs(batch).row_sq_norm, rows + 5 * INTERACTION_L2_SHARE * kept)
+    model.eval()
+    assert float(model.training_outputs(batch).row_sq_norm) == 0.0

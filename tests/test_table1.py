@@ -59,7 +59,8 @@ def test_every_row_and_column_and_the_percentage_formula(table1):
         assert row["kept_entries"] == row["rank"] * 9
         assert row["pruned_sparsity_pct"] == pytest.approx(100 * row["rank"] * 9 / pairs)
         values = row["dims"]["4"]
-        assert set(values) == {"fm", "fwfm", "dplr", "pruned", "dplr_vs_pruned_pct", "pruned_as_cut", "dplr_vs_pruned_as_cut_pct"}
+        assert set(values) == {"fm", "fwfm", "dplr", "tensorfm", "pruned", "dplr_vs_pruned_pct", "pruned_as_cut",
+                               "dplr_vs_pruned_as_cut_pct"}
         sign = 1 if row["metric"] == "auc" else -1  # positive = DPLR better
         for pruned in ("pruned", "pruned_as_cut"):
             expected = sign * 100 * (values["dplr"] - values[pruned]) / values[pruned]
@@ -68,20 +69,21 @@ def test_every_row_and_column_and_the_percentage_formula(table1):
         same = [r["dims"]["4"] for r in rows if r["metric"] == metric]
         assert same[0]["fm"] == same[1]["fm"] and same[0]["fwfm"] == same[1]["fwfm"]
     lines = (out / "table1.md").read_text().splitlines()
-    assert lines[0] == ("| Dataset (Metric) | Rank | Pruned sparsity | FM k=4 | FwFM k=4 | DPLR k=4 | Pruned k=4 "
-                        "| DPLR vs Pruned (%) k=4 |")  # fmt: skip
+    assert lines[0] == ("| Dataset (Metric) | Rank | Pruned sparsity | FM k=4 | FwFM k=4 | DPLR k=4 | tensorFM k=4 "
+                        "| Pruned k=4 | DPLR vs Pruned (%) k=4 |")  # fmt: skip
     # then a blank line, a caption, a blank line and the same table with the pruned models as cut
     assert lines[2 + len(rows)] == "" and lines[2 + len(rows) + 3] == lines[0]
-    # then the selected trial of each of the 6 cells (fm, fwfm, dplr ×2, pruned ×2) with its epochs
+    # then the selected trial of each of the 8 cells (fm, fwfm, dplr ×2, tensorfm ×2, pruned ×2) with its epochs
     selection = lines[2 * (2 + len(rows)) + 3 :]
     assert selection[:3] == ["", "The selected trial of each cell:", ""]
     assert selection[3].startswith("| model | k | rank | lr | l2 | epochs trained | best epoch |")
-    assert len(selection) == 5 + 6
+    assert len(selection) == 5 + 8
     for record in report["selected"]:
         assert record["l2"] == 0.3 and 1 <= record["epochs_run"] <= 2
         assert record["hit_epoch_cap"] == (record["epochs_run"] == 2 and record["best_epoch"] == 2)
     assert lines[2].startswith("| Planted (AUC) | 1 | 32.1% |") and lines[4].startswith("| Planted (LogLoss) | 1 |")
-    assert len(report["trials"]) == (2 + 2 + 2) * 2  # fm, fwfm, dplr ×2 ranks, pruned ×2 ranks; × 2 learning rates
+    # fm, fwfm, dplr ×2 ranks, tensorfm ×2 CP ranks, pruned ×2 ranks; × 2 learning rates
+    assert len(report["trials"]) == (2 + 2 + 2 + 2) * 2
 
 
 def test_each_number_is_the_validation_best_learning_rate_at_its_test_metric(table1):
@@ -89,7 +91,7 @@ def test_each_number_is_the_validation_best_learning_rate_at_its_test_metric(tab
     trials = report["trials"]
     for row in report["rows"]:
         for column, kind, rank in [("fm", "fm", None), ("fwfm", "fwfm", None), ("dplr", "dplr_fwfm", row["rank"]),
-                                   ("pruned", "pruned_fwfm", row["rank"])]:  # fmt: skip
+                                   ("tensorfm", "tensorfm", row["rank"]), ("pruned", "pruned_fwfm", row["rank"])]:  # fmt: skip
             candidates = [t for t in trials if t["kind"] == kind and t["rank"] == rank and t["dim"] == 4]
             assert sorted(t["learning_rate"] for t in candidates) == [0.05, 0.2]
             chosen = max(candidates, key=lambda t: t["valid"]["auc"])
@@ -129,11 +131,12 @@ def test_regression_rows_report_mse_and_rmse_with_lower_is_better():
         )  # fmt: skip
 
     selected = {("fm", 8, None): record("fm", None, 0.80), ("fwfm", 8, None): record("fwfm", None, 0.78),
-                ("dplr_fwfm", 8, 1): record("dplr_fwfm", 1, 0.76), ("pruned_fwfm", 8, 1): record("pruned_fwfm", 1, 0.80)}  # fmt: skip
+                ("dplr_fwfm", 8, 1): record("dplr_fwfm", 1, 0.76), ("tensorfm", 8, 1): record("tensorfm", 1, 0.77),
+                ("pruned_fwfm", 8, 1): record("pruned_fwfm", 1, 0.80)}  # fmt: skip
     rows = table_rows(selected, Task.regression, 11, [8], [1])
     assert [r["metric"] for r in rows] == ["mse", "rmse"]
     assert rows[0]["dims"]["8"]["dplr_vs_pruned_pct"] == pytest.approx(5.0)  # (0.80 − 0.76) / 0.80
     assert rows[0]["pruned_sparsity_pct"] == pytest.approx(100 * 12 / 55)
     table = markdown("MovieLens", rows, [8])
-    assert "| MovieLens (MSE) | 1 | 21.8% | 0.8000 | 0.7800 | 0.7600 | 0.8000 | 5.00% |" in table
+    assert "| MovieLens (MSE) | 1 | 21.8% | 0.8000 | 0.7800 | 0.7600 | 0.7700 | 0.8000 | 5.00% |" in table
     assert "| MovieLens (RMSE) | 1 |" in table

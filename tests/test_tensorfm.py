@@ -78,18 +78,6 @@ def test_the_fm_init_learns_planted_interactions_at_least_as_well_as_the_referen
         assert aucs["fm"] >= aucs["reference"] + 0.02, (orders, aucs)
 
 
-def test_l2_reaches_the_interaction_tensors_once_per_row():
-    torch.manual_seed(2)
-    model = build_model(schema(), "tensorfm", 4, orders=[2, 3], cp_ranks=[1, 2]).train()
-    batch = FeatureBatch.from_columns(schema(), {f"f{i}": [1, 2, 3] for i in range(6)})
-    outputs = model.training_outputs(batch)
-    rows = model.embedding(batch).row_sq_norm
-    factors = sum(float(f.detach().square().sum()) for f in model.factors)
-    torch.testing.assert_close(outputs.row_sq_norm, rows + 3 * factors)
-    model.eval()
-    assert float(model.training_outputs(batch).row_sq_norm) == 0.0  # as for the looked-up rows
-
-
 def test_bad_orders_and_ranks_are_clear_errors():
     with pytest.raises(ValueError, match="one rank per interaction order"):
         build_model(schema(), "tensorfm", 4, orders=[2, 3], cp_ranks=[2])

@@ -117,6 +117,16 @@ class RankingModel(nn.Module, ABC):
         return value
 
 
+# L2 on the interaction parameters (R, U and e, W) as on an embedding row looked up by
+# this share of the rows. Unpenalised, FwFM overfits through R where FM, which has none,
+# does not (MovieLens sample, L2 0.3: FwFM test RMSE 0.9793 at best epoch 5 of 9; FM
+# 0.9695). At share 1 (as if used once per row, which they are) they collapse the
+# interactions of planted click data at the default L2 (FwFM test AUC 0.758 = the linear
+# model's 0.755); at 0.01 the FwFM reaches 0.794 against 0.788 unpenalised (oracle 0.855),
+# and the MovieLens FwFM 0.9662.
+INTERACTION_L2_SHARE = 0.01
+
+
 class CTRModel(RankingModel):
     """A single-embedding model: embeddings + linear weights + bias + a pairwise term."""
 
@@ -131,7 +141,18 @@ class CTRModel(RankingModel):
 
     def training_outputs(self, batch: FeatureBatch) -> TrainingOutputs:
         embedded = self.embedding(batch)
-        return TrainingOutputs(self.forward_embedded(batch, embedded), embedded.row_sq_norm)
+        row_sq_norm = embedded.row_sq_norm
+        interaction = self.interaction_parameters()
+        if interaction and self.training:
+            # The training loop's l2 · row_sq_norm / B then penalises
+            # l2 · INTERACTION_L2_SHARE · ‖θ‖² per step.
+            share = INTERACTION_L2_SHARE * len(batch)
+            row_sq_norm = row_sq_norm + share * sum(p.square().sum() for p in interaction)
+        return TrainingOutputs(self.forward_embedded(batch, embedded), row_sq_norm)
+
+    def interaction_parameters(self) -> list[Tensor]:
+        """The dense parameters of the pairwise term (R, U and e, W) that L2 penalises."""
+        return []
 
     def forward_embedded(self, batch: FeatureBatch, embedded: Embedded) -> Tensor:
         positions = self.embedding.field_index(batch.fields)

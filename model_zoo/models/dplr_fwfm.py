@@ -54,5 +54,8 @@ class DPLRFwFM(LowRankInteractionModel):
     def factors(self) -> tuple[Tensor, Tensor]:
         return self.factor_matrix, self.eigen
 
+    def interaction_parameters(self) -> list[Tensor]:
+        return [self.factor_matrix, self.eigen]
+
     def hyperparameters(self) -> dict[str, Any]:
         return {**super().hyperparameters(), "rank": self.rank, "factor_init": self.factor_init}

@@ -41,6 +41,9 @@ class FwFM(CTRModel):
         """The strict upper triangle of R as used (pruned models mask it)."""
         return self.interaction_weights
 
+    def interaction_parameters(self) -> list[Tensor]:
+        return [self.effective_weights()]
+
     def interaction_matrix(self) -> Tensor:
         m = self.schema.num_fields
         upper = torch.zeros(m, m, device=self.interaction_weights.device, dtype=self.interaction_weights.dtype)

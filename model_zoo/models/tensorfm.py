@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from model_zoo.batch import FeatureBatch
-from model_zoo.models.base import ContextState, CTRModel, TrainingOutputs, rows_for
+from model_zoo.models.base import ContextState, CTRModel, rows_for
 from model_zoo.schema import FeatureSchema
 
 FactorInit = Literal["fm", "reference"]
@@ -97,14 +97,8 @@ class TensorFM(CTRModel):
         projection = torch.einsum("qf,bfk->qbk", self.stacked_factors(positions), vectors)
         return self.order_terms(projection)
 
-    def training_outputs(self, batch: FeatureBatch) -> TrainingOutputs:
-        outputs = super().training_outputs(batch)
-        if not self.training:
-            return outputs
-        # Every row uses all of W, so W joins the looked-up rows' L2 once per row: the
-        # training loop's l2 · row_sq_norm / B then penalises l2 · ‖W‖².
-        factor_sq_norm = sum(factor.square().sum() for factor in self.factors)
-        return TrainingOutputs(outputs.outputs, outputs.row_sq_norm + len(batch) * factor_sq_norm)
+    def interaction_parameters(self) -> list[Tensor]:
+        return list(self.factors)
 
     # -- cached context ---------------------------------------------------------------
     def encode_context(self, context: FeatureBatch) -> TensorFMContext:
