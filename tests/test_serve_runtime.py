@@ -165,7 +165,8 @@ def test_each_bad_message_gets_its_reason_and_the_good_ones_are_scored(tmp_path:
     assert report.errors == {reason: 1 for reason in bad.values()}
 
 
-def test_catalog_auctions_score_like_feature_auctions(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["dplr_fwfm", "tensorfm"])
+def test_catalog_auctions_score_like_feature_auctions(tmp_path: Path, kind: str) -> None:
     catalog_path = tmp_path / "items.parquet"
     item_ids = ["ad-1", "ad-2", "ad-3", 17]
     advertiser = ["acme", "unseen-co", None, "umbrella"]
@@ -173,7 +174,7 @@ def test_catalog_auctions_score_like_feature_auctions(tmp_path: Path) -> None:
     pq.write_table(
         pa.table({"item_id": [str(i) for i in item_ids], "advertiser": advertiser, "genres": genres}), catalog_path
     )
-    runtime = ScoringRuntime(ModelConfig(bundle=str(make_bundle(tmp_path)), catalog=str(catalog_path)))
+    runtime = ScoringRuntime(ModelConfig(bundle=str(make_bundle(tmp_path, kind)), catalog=str(catalog_path)))
     context = {"user": "u2", "hour": 14, "tags": ["sport"]}
     by_id = encode_auction("c", context, ["ad-3", "ad-1", "17"], top_k=2)
     with_features = encode_auction(
