@@ -24,6 +24,7 @@ from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
 from rayjobs.cli import build_parser
+from rayjobs.train import FLAGS
 from serve_app.config import ModelConfig, ScorerArgs
 from streaming.kafka_config import SASL_PASSWORD_ENV, KafkaClientConfig
 
@@ -191,8 +192,8 @@ def test_job_paths_are_on_volumes_every_node_mounts():
 def test_train_job_leaves_cpus_for_ray_data():
     job = the_resource("rayjob-train.yaml")
     _, flags = entrypoint_args(job)
-    args = build_parser().parse_args(["train", *flags])
-    assert args.workers * args.cpus_per_worker < worker_cpus(cluster_spec(job))
+    train = FLAGS.parse(build_parser().parse_args(["train", *flags]))  # the typed job the flags give
+    assert train.workers * train.cpus_per_worker < worker_cpus(cluster_spec(job))
 
 
 def test_rayservice_runs_the_scorer_with_valid_arguments():
