@@ -116,6 +116,7 @@ class Scorer:
                 self.score,
                 self.metrics.record_lag,
                 self.membership,
+                on_dead_letter=self.metrics.record_dead_letter,
             )
             self.loop.start()
 

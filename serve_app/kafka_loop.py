@@ -107,9 +107,12 @@ class KafkaLoop(threading.Thread):
         on_lag: Callable[[dict[int, int]], None],
         membership: Callable[[], tuple[int, int]] = lambda: (0, 1),
         clients: Callable[[], Clients] | None = None,
+        on_dead_letter: Callable[[str], None] = lambda reason: None,
     ) -> None:
         """``membership()`` gives (this replica's rank, number of replicas); ``clients()``
-        the (consumer, producer) to use, by default confluent-kafka's for ``kafka``."""
+        the (consumer, producer) to use, by default confluent-kafka's for ``kafka``;
+        ``on_dead_letter(reason)`` hears of each dead letter the loop itself makes (a
+        refused reply_to, a reply the broker refused), which ``score`` never saw."""
         super().__init__(name="kafka-scorer", daemon=True)
         self.kafka = kafka
         self.topics = topics
@@ -119,6 +122,7 @@ class KafkaLoop(threading.Thread):
         self.on_lag = on_lag
         self.membership = membership
         self.clients = clients or self._kafka_clients
+        self.on_dead_letter = on_dead_letter
         self.stopping = threading.Event()
         self.error: BaseException | None = None
         self.committed = 0  # messages whose offsets were committed (logged at stop)
@@ -317,6 +321,7 @@ class KafkaLoop(threading.Thread):
         if refusal is None:
             return Outgoing(reply.reply_to, key, reply.value, False, original, source)
         error = ProtocolError(Reason.invalid_reply_to, f"'reply_to' {reply.reply_to!r}: {refusal}", reply.auction_id)
+        self.on_dead_letter(Reason.invalid_reply_to.value)
         return Outgoing(self.topics.dlq, key, encode_error(error, original, source=source), True, original, source)
 
     def _topic_exists(self, consumer: Any, topic: str) -> bool:
@@ -385,6 +390,7 @@ class KafkaLoop(threading.Thread):
             failure = ProtocolError(Reason.reply_rejected, f"the broker refused the reply to {item.topic!r}: {error!r}")
             failure.auction_id = item.key.decode() if item.key is not None else None
             value = encode_error(failure, item.original, source=item.source)
+            self.on_dead_letter(Reason.reply_rejected.value)
             return Outgoing(self.topics.dlq, item.key, value, True, item.original, item.source)
         rejected = decode_error(item.value)
         failure = ProtocolError(

@@ -54,8 +54,7 @@ class ScorerMetrics:
             self.items.inc(report.items)
             self.scoring_latency.observe(report.scoring_ms)
         for reason, count in report.errors.items():
-            self.errors.inc(count, tags={"reason": reason})
-            self.error_totals[reason] += count
+            self.record_dead_letter(reason, count)
         for reply in report.replies:
             if reply.end_to_end_ms is not None:
                 self.end_to_end_latency.observe(reply.end_to_end_ms)
@@ -63,6 +62,10 @@ class ScorerMetrics:
         self.totals.update(auctions=report.auctions, items=report.items, batches=1)
         self.cache_hit_ratio.set(cache_hit_ratio)
         self.hit_ratio = cache_hit_ratio
+
+    def record_dead_letter(self, reason: str, count: int = 1) -> None:
+        self.errors.inc(count, tags={"reason": reason})
+        self.error_totals[reason] += count
 
     def record_lag(self, lag: dict[int, int]) -> None:
         for partition in self.lag.keys() - lag.keys():  # moved to another replica

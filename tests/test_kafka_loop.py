@@ -53,10 +53,11 @@ def run_loop(
     membership: Callable[[], tuple[int, int]] = lambda: (0, 1),
     timeout_s: float = 5.0,
     score: Callable[[Sequence[bytes], int, Sequence[dict[str, object]]], BatchReport] = fake_score,
+    on_dead_letter: Callable[[str], None] = lambda reason: None,
 ) -> KafkaLoop:
     loop = KafkaLoop(
         KafkaClientConfig(bootstrap_servers="unused:9092"), TOPICS, "group", 8, score, lambda lag: None,
-        membership, clients=lambda: (consumer, producer),
+        membership, clients=lambda: (consumer, producer), on_dead_letter=on_dead_letter,
     )
     loop.start()
     deadline = time.monotonic() + timeout_s
@@ -128,8 +129,10 @@ def test_a_reply_the_broker_refuses_for_good_becomes_a_dead_letter(error: Except
     broker = new_broker(auctions=6, partitions=1)
     producer = FakeProducer(broker, lambda topic, value: error if topic == "scores" and value.endswith(b"/3") else None)
     consumer = FakeConsumer(broker, answered_by)
-    run_loop(broker, consumer, producer, lambda: every_auction_answered_once(broker))
+    dead_letters: list[str] = []
+    run_loop(broker, consumer, producer, lambda: every_auction_answered_once(broker), on_dead_letter=dead_letters.append)
     assert every_auction_answered_once(broker) and broker.early_commits == []
+    assert dead_letters == ["reply_rejected"]
     (dead,) = broker.records("auctions.dlq")
     letter = decode_error(dead.value())
     assert (letter.reason, letter.auction_id, letter.original) == ("reply_rejected", "a3", b"a3")
@@ -157,8 +160,13 @@ def test_reply_to_may_name_only_the_scores_topic_or_existing_topics_matching_the
     }
     for n, topic in enumerate(wanted):
         broker.append("auctions", 0, f"a{n}>{topic}".encode())
-    run_loop(broker, FakeConsumer(broker, answered_by), FakeProducer(broker), lambda: every_auction_answered_once(broker))
+    dead_letters: list[str] = []
+    run_loop(
+        broker, FakeConsumer(broker, answered_by), FakeProducer(broker), lambda: every_auction_answered_once(broker),
+        on_dead_letter=dead_letters.append,
+    )
     assert every_auction_answered_once(broker)
+    assert dead_letters == ["invalid_reply_to"] * 5  # the metrics count what the loop refused itself
     for n, (topic, destination) in enumerate(wanted.items()):
         (record,) = answers(broker)[("auctions", 0, n)]
         assert record.topic() == (destination or "auctions.dlq"), topic
