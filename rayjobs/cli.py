@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, PermissionError) as error:
-        # Users get one clear line, not a traceback, for bad paths and bad arguments.
+    except (FileNotFoundError, ValueError, PermissionError, TimeoutError) as error:
+        # Users get one clear line, not a traceback, for bad paths, bad arguments and waits that ran out.
         print(f"rankstream {args.command}: error: {error}", file=sys.stderr)
         return 2
 

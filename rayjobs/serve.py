@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from rayjobs.cluster import DEFAULT_TEMP_DIR, auth_headers, cluster_status
 from serve_app.config import ModelConfig, ScorerArgs
+from serve_app.runtime import ScoringRuntime
 from streaming.kafka_config import (
     SASL_PASSWORD_ENV,
     add_kafka_arguments,
@@ -221,12 +222,26 @@ def scorer_args_from(args: argparse.Namespace) -> tuple[ModelConfig, ScorerArgs]
     )
 
 
+def check_loads(model: ModelConfig, args: ScorerArgs) -> None:
+    """Load the bundle (and catalog) here as a replica would, before any replica sees it:
+    a bundle that cannot load is refused with nothing deployed. (A config deployed by
+    other means is the replicas' to refuse: running ones keep their model.)"""
+    try:
+        ScoringRuntime(model, args.limits, context_cache_size=1)
+    except Exception as error:
+        raise ValueError(
+            f"{model.bundle} does not load ({type(error).__name__}: {error}); nothing deployed, "
+            f"the running scorer keeps its model"[:2000]
+        ) from None
+
+
 def handle(args: argparse.Namespace) -> int:
     dashboard_url = _dashboard_url(args)
     if args.serve_command == "up":
         if not args.bundle:
             raise ValueError("serve up needs --bundle DIR")
         model, scorer_args = scorer_args_from(args)
+        check_loads(model, scorer_args)
         deployed_at = time.time()
         deploy(dashboard_url, serve_config(scorer_args, model, args.http_host, args.http_port))
         application = wait_until_running(dashboard_url, deployed_at, args.timeout)

@@ -145,16 +145,15 @@ class Stack:
 
     replica_count: int = REPLICAS
 
-    def serve_up(self, version: str, replicas: int = REPLICAS, loads: bool = True) -> None:
-        """Deploy bundle ``version``; ``loads``: it is expected to load (else the old one keeps serving)."""
+    def serve_up(self, version: str, replicas: int = REPLICAS) -> None:
+        """Deploy bundle ``version``."""
         code = cli.main(
             ["serve", "up", "--bundle", str(self.bundles[version]), "--catalog", str(self.catalog),
              "--replicas", str(replicas), "--dashboard-url", self.dashboard_url, "--http-port", str(self.http_port),
              "--bootstrap-servers", self.kafka.bootstrap_servers, "--max-items", "1000", "--timeout", "300"]
         )
         assert code == 0
-        if loads:
-            self.serving = version
+        self.serving = version
         self.replica_count = replicas
 
     def replicas(self) -> dict[str, int]:
@@ -506,16 +505,34 @@ def assert_all_answered_once(stack: Stack, result: Exchange, auctions: list[tupl
     assert {a: len(r) for a, r in result.replies.items() if len(r) != 1} == {}  # no partition read twice
 
 
+def deploy_bundle(stack: Stack, bundle: str) -> None:
+    """Reload to ``bundle`` by a config deploy, as `serve deploy` would: past `serve up`'s check."""
+    application = serve_details(stack.dashboard_url)["applications"]["rankstream"]["deployed_app_config"]
+    application["deployments"][0]["user_config"]["bundle"] = bundle
+    deploy(stack.dashboard_url, {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": stack.http_port},
+                                 "applications": [application]})
+
+
 def test_a_failed_reload_keeps_the_old_model_reports_it_and_a_good_reload_recovers(
     stack: Stack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     replicas_before = stack.replicas()
     serving = load_bundle(stack.bundles[stack.serving]).model_version
-    corrupt = stack.bundles["corrupt"] = tmp_path / "bundle-corrupt"
+    corrupt = tmp_path / "bundle-corrupt"
     shutil.copytree(stack.bundles["v1"], corrupt)
     (corrupt / "weights.safetensors").write_bytes(b"not safetensors")
+    # `serve up` loads the bundle first and refuses it, deploying nothing.
+    capsys.readouterr()
+    assert cli.main(["serve", "up", "--bundle", str(corrupt), "--dashboard-url", stack.dashboard_url,
+                     "--replicas", str(REPLICAS + 1)]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"rankstream serve: error: {corrupt} does not load (SafetensorError: "
+    )
+    assert serve_details(stack.dashboard_url)["applications"]["rankstream"]["deployed_app_config"]["deployments"][0][
+        "user_config"]["bundle"] == str(stack.bundles[stack.serving])
+    # Deployed past that check, under load: the replicas keep their model and say so.
     auctions = make_auctions(900, seed=4, prefix="badreload")
-    result = exchange(stack, auctions, rate=150, during=(2.0, lambda: stack.serve_up("corrupt", loads=False)))
+    result = exchange(stack, auctions, rate=150, during=(2.0, lambda: deploy_bundle(stack, str(corrupt))))
     assert_all_answered_once(stack, result, auctions)
     assert {r.model_version for replies in result.replies.values() for r in replies} == {serving}
     healths = healthz_until(stack, lambda h: all(x["last_reload_error"] for x in h.values()))
@@ -533,12 +550,9 @@ def test_a_failed_reload_keeps_the_old_model_reports_it_and_a_good_reload_recove
     assert status["status"] == "RUNNING"
     assert cli.main(["serve", "status", "--dashboard-url", stack.dashboard_url]) == 0
     assert f"RELOAD FAILED on {REPLICAS} replica(s), still serving their old model: {corrupt}" in capsys.readouterr().out
-    # A missing bundle (a config deploy that `serve up` would have refused) fails the same way.
+    # A missing bundle fails the same way.
     missing = str(tmp_path / "no-such-bundle")
-    application = serve_details(stack.dashboard_url)["applications"]["rankstream"]["deployed_app_config"]
-    application["deployments"][0]["user_config"]["bundle"] = missing
-    deploy(stack.dashboard_url, {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": stack.http_port},
-                                 "applications": [application]})
+    deploy_bundle(stack, missing)
     healths = healthz_until(stack, lambda h: all((x["last_reload_error"] or {}).get("bundle") == missing for x in h.values()))
     assert {h["last_reload_error"]["error"] for h in healths.values()} == {
         f"FileNotFoundError: no model bundle at {missing} (config.json missing)"
