@@ -2,9 +2,11 @@
 
 A batch covers a subset of the schema's fields (all of them for training, the
 context fields for ``encode_context``, the item fields for ``score_items``).
-Single-valued fields sit together in one int64 matrix (one gather for all of
+Single-valued fields sit together in one index matrix (one gather for all of
 them); each multi-valued field is a padded bag of values with weights, where a
-weight of 0 marks padding. Indices are per-field local indices (see schema.py).
+weight of 0 marks padding. Indices are per-field local indices (see schema.py),
+int32 as the prepared parquet stores them (no widening pass per batch; embedding
+lookups take int32), other integer input as int64.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from model_zoo.schema import Kind, FeatureSchema
 
 @dataclass(frozen=True)
 class Bag:
-    """A multi-valued field: ``values`` (B, L) int64 and ``weights`` (B, L) float32."""
+    """A multi-valued field: ``values`` (B, L) int32 or int64 and ``weights`` (B, L) float32."""
 
     values: Tensor
     weights: Tensor
@@ -43,7 +45,7 @@ class Bag:
 class FeatureBatch:
     fields: tuple[str, ...]  # covered fields in schema order
     single_fields: tuple[str, ...]  # the single-valued ones, in order, = columns of `single`
-    single: Tensor  # (B, len(single_fields)) int64
+    single: Tensor  # (B, len(single_fields)) int32 or int64
     bag_fields: tuple[str, ...]  # the multi-valued ones, in order
     bags: tuple[Bag, ...]
     label: Tensor | None = None  # (B,) float32
@@ -73,17 +75,11 @@ class FeatureBatch:
         fields = schema.ordered(list(columns))
         single_fields = tuple(n for n in fields if schema.field(n).kind == Kind.single)
         bag_fields = tuple(n for n in fields if schema.field(n).kind == Kind.multi)
-        rows = None
-        single_columns = []
-        for name in single_fields:
-            column = torch.as_tensor(np.asarray(columns[name]), dtype=torch.int64).reshape(-1)
-            single_columns.append(column)
-            rows = column.shape[0] if rows is None else rows
+        single_columns = [np.asarray(columns[name]).reshape(-1) for name in single_fields]
         bags = tuple(_bag_from_column(columns[name]) for name in bag_fields)
-        if rows is None:
-            rows = bags[0].values.shape[0] if bags else 0
+        rows = len(single_columns[0]) if single_columns else bags[0].values.shape[0] if bags else 0
         single = (
-            torch.stack(single_columns, dim=1)
+            index_tensor(np.stack(single_columns, axis=1))  # one copy; mixed types stack as int64
             if single_columns
             else torch.zeros((rows, 0), dtype=torch.int64)
         )
@@ -212,7 +208,7 @@ def concat_batches(batches: Sequence[FeatureBatch]) -> FeatureBatch:
 
 def _bag_from_column(column: object) -> Bag:
     if isinstance(column, tuple) and len(column) == 2:
-        values = torch.as_tensor(np.asarray(column[0]), dtype=torch.int64)
+        values = index_tensor(column[0])
         weights = torch.as_tensor(np.asarray(column[1]), dtype=torch.float32)
         if values.ndim != 2 or values.shape != weights.shape:
             raise ValueError("a bag column needs 2-D values and weights of equal shape")
@@ -225,6 +221,12 @@ def _bag_from_column(column: object) -> Bag:
         values[r, : len(row)] = row
         weights[r, : len(row)] = 1.0
     return Bag(torch.from_numpy(values), torch.from_numpy(weights))
+
+
+def index_tensor(column: object) -> Tensor:
+    """Indices as a tensor: int32 kept (the parquet layout's type), any other integers as int64."""
+    array = np.asarray(column)
+    return torch.from_numpy(array) if array.dtype == np.int32 else torch.as_tensor(array, dtype=torch.int64)
 
 
 def _check_range(name: str, values: Tensor, vocab_size: int) -> None:

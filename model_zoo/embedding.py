@@ -78,7 +78,8 @@ class FieldEmbedding(nn.Module):
         return batch.single + single_offsets
 
     def bag_rows(self, name: str, bag: Bag) -> Tensor:
-        return bag.values + self.offsets[self.schema.index[name]]
+        position = self.schema.index[name]
+        return bag.values + self.offsets[position : position + 1]  # a 1-D offset: int32 values give int64 rows
 
     def forward(self, batch: FeatureBatch) -> Embedded:
         _, single_offsets, permutation = self._layout(batch.fields, batch.single_fields)

@@ -111,7 +111,7 @@ class ShardedExchange:
     def batch_rows(self, batch: FeatureBatch) -> Tensor:
         """Every global row the batch looks up (with repeats), flat."""
         parts = [(batch.single + self.offsets[[self.index[n] for n in batch.single_fields]]).reshape(-1)]
-        parts += [(bag.values + self.offsets[self.index[name]]).reshape(-1) for name, bag in zip(batch.bag_fields, batch.bags)]
+        parts += [(bag.values + self.offsets[self.index[name] : self.index[name] + 1]).reshape(-1) for name, bag in zip(batch.bag_fields, batch.bags)]
         return torch.cat(parts)
 
     # -- after backward ------------------------------------------------------------------

@@ -3,8 +3,10 @@
 A ``TorchTrainer`` runs ``train_loop`` on N workers (gloo on CPU, NCCL on GPU). The
 embedding tables are sharded by row owner (``model_zoo.sharded``: rows and their
 gradients all-to-all, dense gradients in one all-reduce); the tables are made whole
-after each epoch, so evaluation and checkpoints see whole tables. Each worker reads its shard of the prepared parquet through Ray Data (the train split
-shuffled per epoch: block order and rows within blocks) and steps ``model_zoo.training.Trainer``.
+after each epoch, so evaluation and checkpoints see whole tables. Each worker reads
+its shard of the prepared train split through Ray Data once, holds it in memory as
+int32 columns and steps ``model_zoo.training.Trainer`` on a fresh permutation of it
+each epoch.
 Validation and test predictions of all workers are gathered, so the metrics (AUC
 above all) are those of the whole split. Every epoch ends with ``ray.train.report``
 and a checkpoint (weights, optimizer state, best weights so far, run state); after a
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
@@ -52,6 +55,7 @@ from model_zoo.training import (
     Trainer,
     TrainingState,
     cpu_state,
+    minibatches,
     predict,
     uses_sparse_gradients,
 )
@@ -156,6 +160,15 @@ def gather_rows(values: np.ndarray) -> np.ndarray:
     return torch.cat([part[: int(size.item())] for part, size in zip(parts, sizes)]).cpu().numpy()
 
 
+def read_shard(shard: Any, schema: FeatureSchema) -> FeatureBatch:
+    """A worker's whole Ray Data shard as one batch (int32 columns as read; run_training
+    checked the index ranges). Arrow tables: list columns convert through their offsets."""
+    tables = list(shard.iter_batches(batch_size=None, batch_format="pyarrow"))
+    if not tables:
+        raise ValueError("this worker's shard of the train split is empty (more workers than training rows?)")
+    return batch_from_table(schema, pa.concat_tables(tables).combine_chunks(), checked=True)
+
+
 def evaluate_shard(model: RankingModel, shard: Any, batch_size: int, device: torch.device) -> dict[str, float]:
     """Metrics over the whole split: every worker predicts its shard, all rows are gathered."""
     schema = model.schema
@@ -245,10 +258,16 @@ def train_loop(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard, test_shard = ray.train.get_dataset_shard("valid"), ray.train.get_dataset_shard("test")
 
+    shard: list[FeatureBatch] = []  # this worker's training rows, read in its first epoch
+
     def train_batches(epoch: int) -> Iterator[FeatureBatch]:
-        # Arrow tables: list columns convert through their offsets, not row by row.
-        for number, data in enumerate(train_shard.iter_batches(batch_size=job.train.batch_size, batch_format="pyarrow")):
-            yield batch_from_table(schema, data, checked=True).to(device)  # run_training checked the ranges
+        if not shard:
+            shard.append(read_shard(train_shard, schema))
+        # A fresh permutation of the in-memory rows each epoch: every batch is one
+        # vectorised gather, with no Ray Data tasks competing for the workers' CPUs.
+        seed = (job.train.seed * 1000 + epoch) * world + rank
+        for number, batch in enumerate(minibatches(shard[0], job.train.batch_size, seed=seed)):
+            yield batch.to(device)
             if number == 0:
                 _maybe_crash(config.get("crash"), epoch, rank, world)
 
@@ -276,6 +295,10 @@ def _maybe_crash(spec: str | None, epoch: int, rank: int, world: int) -> None:
     crash_epoch, marker = spec.split(":", 1)
     if epoch == int(crash_epoch) and not Path(marker).exists():
         Path(marker).write_text(f"worker {rank} exited in epoch {epoch}\n")
+        # Ray Train's controller collects the reports when it polls the workers: exiting
+        # before its next poll would lose the last epoch's checkpoint (a real crash then
+        # resumes one checkpoint earlier; the test wants the latest).
+        time.sleep(3 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")))
         os._exit(1)
 
 
@@ -314,10 +337,6 @@ def _eval_data_config() -> Any:
     return WholeSplitEvaluation()
 
 
-def permute_rows(block: Any) -> Any:
-    return block.take(np.random.default_rng().permutation(block.num_rows))
-
-
 def connect_ray(job: TrainJobConfig) -> None:
     """Join ``--address`` (or the job's cluster when RAY_ADDRESS is set, as under
     ``ray job submit``); otherwise start a private local one."""
@@ -346,13 +365,9 @@ def run_training(job: TrainJobConfig) -> Path:
     # NCCL all-reduces dense gradients only; one GPU worker keeps sparse ones.
     sparse = uses_sparse_gradients(job.train.optimizer) and not (use_gpu and job.workers > 1)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    # The train split is read once per attempt, each worker holding its shard in memory
+    # (4 bytes per field and row) and permuting it per epoch (train_loop).
     datasets = {split: ray.data.read_parquet(str(split_dir(job.data, split))) for split in SPLITS}
-    # Shuffled anew each epoch (each epoch re-executes the plan): blocks in random order,
-    # rows permuted within each block (a row group) — Ray Data's local shuffle buffer
-    # cost ~7x more per batch here.
-    datasets["train"] = datasets["train"].randomize_block_order().map_batches(
-        permute_rows, batch_size=None, batch_format="pyarrow"
-    )
     run_name = job.run_name or f"rankstream-train-{job.model.kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     resources = {"GPU": 1.0, "CPU": job.cpus_per_worker} if use_gpu else {"CPU": job.cpus_per_worker}
     trainer = TorchTrainer(

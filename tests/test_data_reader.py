@@ -36,6 +36,7 @@ def test_table_and_numpy_dict_give_the_same_batch(dataset):
     schema = load_schema(dataset)
     table = pq.read_table(split_files(dataset, "train")[0])
     from_table = batch_from_table(schema, table)
+    assert from_table.single.dtype == from_table.bags[0].values.dtype == torch.int32  # as stored: no widening pass
     ray_style = {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names}
     assert ray_style["i2"].dtype == object  # ragged lists, as Ray Data hands them out
     assert_same(from_table, batch_from_numpy(schema, ray_style))

@@ -4,6 +4,7 @@ import torch
 from pydantic import ValidationError
 
 from model_zoo.batch import FeatureBatch, concat_batches, join_context_items
+from model_zoo.registry import build_model
 from model_zoo.schema import FeatureSchema, FieldSpec, Kind, Role, Task
 from model_zoo.vocab import FieldVocabulary, Vocabulary, log_square_token
 
@@ -54,6 +55,29 @@ def test_batch_columns_bags_and_range_check():
     assert batch.bags[0].weights.tolist() == [[1, 1], [1, 0]]
     with pytest.raises(ValueError, match="'movie' has indices outside"):
         FeatureBatch.from_columns(schema, {"movie": [8]})
+
+
+def test_int32_indices_stay_int32_and_train_as_int64_ones():
+    schema = small_schema()
+    columns = {"user": [3, 4, 9], "movie": [1, 7, 0], "genres": (np.array([[2, 3], [5, 0], [1, 4]]), np.array([[1, 1], [1, 0], [2, 1]], np.float32))}
+
+    def typed(dtype):
+        return {"user": np.asarray(columns["user"], dtype), "movie": np.asarray(columns["movie"], dtype),
+                "genres": (columns["genres"][0].astype(dtype), columns["genres"][1])}  # fmt: skip
+
+    narrow, wide = (FeatureBatch.from_columns(schema, typed(t), [4.0, 2.0, 5.0]) for t in (np.int32, np.int64))
+    assert narrow.single.dtype == narrow.bags[0].values.dtype == torch.int32
+    assert wide.single.dtype == wide.bags[0].values.dtype == torch.int64
+    mixed = FeatureBatch.from_columns(schema, {"user": np.int32([3]), "movie": [1]})
+    assert mixed.single.dtype == torch.int64 and mixed.single.tolist() == [[3, 1]]
+    gradients = []
+    for batch in (narrow, wide):
+        torch.manual_seed(0)
+        model = build_model(schema, "dplr_fwfm", 4, sparse=True)
+        model(batch).sum().backward()
+        gradients.append({name: p.grad.to_dense() for name, p in model.named_parameters()})
+    for name, value in gradients[0].items():
+        assert torch.equal(value, gradients[1][name]), name
 
 
 def test_join_and_concat():

@@ -39,9 +39,9 @@ def batches(seed: int) -> list[list[FeatureBatch]]:
             length = int(rng.integers(1, 4))
             weights = rng.uniform(0.5, 2.0, size=(rows, length)).astype(np.float32)
             weights[rng.random((rows, length)) < 0.3] = 0.0
-            columns = {
-                "user": rng.integers(0, 30, rows), "movie": rng.integers(0, 50, rows),
-                "genres": (rng.integers(0, 12, (rows, length)), weights),
+            columns = {  # int32, as the prepared parquet holds them
+                "user": rng.integers(0, 30, rows, dtype=np.int32), "movie": rng.integers(0, 50, rows, dtype=np.int32),
+                "genres": (rng.integers(0, 12, (rows, length), dtype=np.int32), weights),
             }  # fmt: skip
             per_rank.append(FeatureBatch.from_columns(spec, columns, (rng.random(rows) < 0.4).astype(np.float32)))
         steps.append(per_rank)

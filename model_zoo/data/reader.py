@@ -29,11 +29,11 @@ def batch_from_table(
     columns: dict[str, object] = {}
     for name in names:
         if schema.field(name).kind == Kind.single:
-            columns[name] = _column(table, name).to_numpy().astype(np.int64)
+            columns[name] = _column(table, name).to_numpy()  # int32 as stored
         else:
             values = _column(table, name)
             weights = _column(table, weights_column(name))
-            columns[name] = (_padded(values, np.int64), _padded(weights, np.float32))
+            columns[name] = (_padded(values), _padded(weights, np.float32))
     label = _column(table, schema.label).to_numpy().astype(np.float32) if schema.label in table.column_names else None
     return FeatureBatch.from_columns(schema, columns, label, check=not checked)
 
@@ -74,7 +74,7 @@ def batch_from_numpy(
         if schema.field(name).kind == Kind.single:
             columns[name] = np.asarray(data[name])
         else:
-            values = _padded_rows(data[name], np.int64)
+            values = _padded_rows(data[name])
             weights = _padded_rows(data[weights_column(name)], np.float32)
             columns[name] = (values, weights)
     label = data.get(schema.label)
@@ -163,21 +163,22 @@ def _column(table: pa.Table | pa.RecordBatch, name: str) -> pa.Array:
     return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
 
 
-def _padded(column: pa.Array, dtype: type) -> np.ndarray:
-    """A list column as a (rows, longest) array, zero-padded."""
+def _padded(column: pa.Array, dtype: type | None = None) -> np.ndarray:
+    """A list column as a (rows, longest) array, zero-padded (default: the values' type)."""
     offsets = np.asarray(column.offsets)
     values = column.flatten().to_numpy()
-    return _pad(values, offsets, dtype)
+    return _pad(values, offsets, values.dtype if dtype is None else dtype)
 
 
-def _padded_rows(column: np.ndarray, dtype: type) -> np.ndarray:
+def _padded_rows(column: np.ndarray, dtype: type | None = None) -> np.ndarray:
+    """Like ``_padded`` for a 2-D or object array of rows."""
     column = np.asarray(column)
     if column.dtype != object:
-        return column.astype(dtype).reshape(len(column), -1)
+        return column.astype(dtype or column.dtype).reshape(len(column), -1)
     lengths = np.array([len(row) for row in column], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    values = np.concatenate([np.asarray(row) for row in column]) if len(column) else np.zeros(0)
-    return _pad(values, offsets, dtype)
+    values = np.concatenate([np.asarray(row) for row in column]) if len(column) else np.zeros(0, np.int64)
+    return _pad(values, offsets, values.dtype if dtype is None else dtype)
 
 
 def _pad(values: np.ndarray, offsets: np.ndarray, dtype: type) -> np.ndarray:
