@@ -11,15 +11,41 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import CliPositionalArg
 
 from streaming.admin import create_topics, partition_counts
 from streaming.broker import broker_status, default_state_dir, start_broker, stop_broker
-from streaming.kafka_config import BOOTSTRAP_ENV, KafkaClientConfig, TopicNames
+from rayjobs.options import FlatCommand, command
+from streaming.kafka_config import BOOTSTRAP_ENV, TOPIC_FLAGS, KafkaClientConfig, TopicNames
 
 
-def handle(args: argparse.Namespace) -> int:
+class BrokerCommand(BaseModel):
+    """`rankstream broker up|down|status`: where the broker listens and the topics ``up`` creates."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    broker_command: CliPositionalArg[Literal["up", "down", "status"]] = Field(description="up, down or status")
+    port: int | None = Field(default=None, ge=1, le=65535, description="listen port (default: a free one)")
+    host: str = Field(default="127.0.0.1", description="listen address (default: loopback only)")
+    partitions: int = Field(default=4, ge=1, description="partitions of each topic created by up")
+    state_dir: Path | None = Field(default=None, description="where the pid and address are kept (default: ~/.rankstream)")
+    json_status: bool = Field(default=False, description="status as JSON")
+    topics: TopicNames = TopicNames()
+
+
+FLAGS = FlatCommand(
+    "Broker", BrokerCommand, sections={"topics": TopicNames}, exclude=("reply_to_pattern",), renames=TOPIC_FLAGS,
+    shortcuts={"json-status": "json"},
+)  # fmt: skip
+
+
+def handle(args: BrokerCommand) -> int:
     state_dir = args.state_dir or default_state_dir()
-    topics = TopicNames(auctions=args.auctions_topic, scores=args.scores_topic, dlq=args.dlq_topic)
+    topics = args.topics
     if args.broker_command == "up":
         state = broker_status(state_dir)
         if state is not None:
@@ -39,7 +65,7 @@ def handle(args: argparse.Namespace) -> int:
         return 0
     if args.broker_command == "status":
         state = broker_status(state_dir)
-        if args.json:
+        if args.json_status:
             print(json.dumps(None if state is None else {**state.model_dump(), "bootstrap_servers": state.bootstrap_servers}))
         elif state is None:
             print(f"no broker running (state dir {state_dir})")
@@ -53,14 +79,4 @@ def handle(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("broker", help="embedded Kafka-compatible broker: up, down, status")
-    parser.add_argument("broker_command", choices=["up", "down", "status"])
-    parser.add_argument("--port", type=int, default=None, help="listen port (default: a free one)")
-    parser.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback only)")
-    parser.add_argument("--partitions", type=int, default=4, help="partitions of each topic created by up")
-    parser.add_argument("--state-dir", default=None, help="where the pid and address are kept (default: ~/.rankstream)")
-    parser.add_argument("--json", action="store_true", help="status as JSON")
-    defaults = TopicNames()
-    parser.add_argument("--auctions-topic", default=defaults.auctions)
-    parser.add_argument("--scores-topic", default=defaults.scores)
-    parser.add_argument("--dlq-topic", default=defaults.dlq)
-    parser.set_defaults(func=handle)
+    command(parser, FLAGS, handle)

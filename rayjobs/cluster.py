@@ -31,8 +31,13 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import psutil
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import CliPositionalArg
+
+from rayjobs.options import FlatCommand, command
 
 from streaming.broker import free_port
 
@@ -203,7 +208,22 @@ def _wait_for_dashboard(url: str, timeout_s: float) -> None:
     raise RuntimeError(f"the Ray dashboard did not answer at {url} within {timeout_s:.0f} s")
 
 
-def handle(args: argparse.Namespace) -> int:
+class ClusterCommand(BaseModel):
+    """`rankstream cluster up|down|status`: the local Ray head."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cluster_command: CliPositionalArg[Literal["up", "down", "status"]] = Field(description="up, down or status")
+    num_cpus: int = Field(default_factory=lambda: os.cpu_count() or 2, ge=1, description="CPUs of the head (default: this machine's)")
+    port: int = Field(default=6379, ge=1, le=65535, description="GCS port")
+    dashboard_port: int = Field(default=8265, ge=1, le=65535)
+    temp_dir: str = Field(default=DEFAULT_TEMP_DIR, description="the Ray head's temp dir")
+
+
+FLAGS = FlatCommand("Cluster", ClusterCommand)
+
+
+def handle(args: ClusterCommand) -> int:
     if args.cluster_command == "up":
         cluster = cluster_up(args.num_cpus, args.port, args.dashboard_port, args.temp_dir)
         print(f"Ray head at {cluster.address}")
@@ -218,20 +238,12 @@ def handle(args: argparse.Namespace) -> int:
             print("no local Ray cluster running")
             return 1
         print(f"running: head {cluster.address}, dashboard {cluster.dashboard_url}")
-    elif args.cluster_command == "down":
+    else:
         cluster_down(args.temp_dir)
         print("local Ray cluster stopped")
-    else:
-        print("usage: rankstream cluster {up,down,status}", file=sys.stderr)
-        return 2
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("cluster", help="local Ray head: up, down, status")
-    parser.add_argument("cluster_command", choices=["up", "down", "status"])
-    parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--port", type=int, default=6379, help="GCS port")
-    parser.add_argument("--dashboard-port", type=int, default=8265)
-    parser.add_argument("--temp-dir", default=DEFAULT_TEMP_DIR)
-    parser.set_defaults(func=handle)
+    command(parser, FLAGS, handle)

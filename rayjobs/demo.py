@@ -17,10 +17,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 from rich.table import Table
 
 from rayjobs.cluster import DEFAULT_TEMP_DIR, LocalCluster, auth_headers, cluster_down, cluster_status, cluster_up
+from rayjobs.options import FlatCommand, command
 from rayjobs.serve import delete, deploy, serve_config, wait_until_reading, wait_until_running
 from serve_app.config import ModelConfig, ScorerArgs
 from streaming.admin import create_topics
@@ -212,14 +214,41 @@ def tear_down(console: Console, temp_dir: str) -> None:
         console.print(f"stopped the broker at {state.bootstrap_servers}")
 
 
-def handle(args: argparse.Namespace) -> int:
+class DemoJob(BaseModel):
+    """`rankstream demo`: the run's data, training length and load."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: Path | None = Field(default=None, description="a MovieLens-1M directory (default: ../shared/data's sample, else synthetic)")
+    out: Path = Field(default=Path("runs/demo"), description="run directory: data, bundle, logs, report.json")
+    epochs: int = Field(default=3, ge=1)
+    auctions: int = Field(default=3000, ge=1)
+    rate: float = Field(default=500.0, gt=0, description="auctions per second")
+    keep: bool = Field(default=False, description="leave broker, Ray and the scorer running")
+    temp_dir: str = Field(default=DEFAULT_TEMP_DIR, description="the Ray head's temp dir")
+    seed: int = 0
+
+
+class DownCommand(BaseModel):
+    """`rankstream down`: what `rankstream demo --keep` left running."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temp_dir: str = Field(default=DEFAULT_TEMP_DIR, description="the Ray head's temp dir")
+
+
+FLAGS = FlatCommand("Demo", DemoJob)
+DOWN_FLAGS = FlatCommand("Down", DownCommand)
+
+
+def handle(args: DemoJob) -> int:
     console = Console(soft_wrap=True)  # long report lines stay whole in logs and pipes
     started = time.perf_counter()
-    run_dir = Path(args.out).resolve()
+    run_dir = args.out.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         kafka, cluster = start_services(console, args.temp_dir)
-        data, titles = prepare_data(console, Path(args.data).resolve() if args.data else None, run_dir / "data", args.seed)
+        data, titles = prepare_data(console, args.data.resolve() if args.data else None, run_dir / "data", args.seed)
         bundle = train_job(console, cluster, data, run_dir / "bundle", run_dir, args.epochs)
         http_port = deploy_scorer(console, cluster, kafka, bundle)
         load = send_auctions(console, kafka, data, args.auctions, args.rate)
@@ -237,22 +266,13 @@ def handle(args: argparse.Namespace) -> int:
     return 0
 
 
-def handle_down(args: argparse.Namespace) -> int:
+def handle_down(args: DownCommand) -> int:
     tear_down(Console(soft_wrap=True), args.temp_dir)
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="the main job end to end: broker, Ray, data, train, serve, stream")
-    parser.add_argument("--data", default=None, help="a MovieLens-1M directory (default: ../shared/data's sample, else synthetic)")
-    parser.add_argument("--out", default="runs/demo", help="run directory: data, bundle, logs, report.json")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--auctions", type=int, default=3000)
-    parser.add_argument("--rate", type=float, default=500.0, help="auctions per second")
-    parser.add_argument("--keep", action="store_true", help="leave broker, Ray and the scorer running")
-    parser.add_argument("--temp-dir", default=DEFAULT_TEMP_DIR, help="the Ray head's temp dir")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(func=handle)
+    command(parser, FLAGS, handle)
     down = subparsers.add_parser("down", help="stop what `rankstream demo --keep` left running")
-    down.add_argument("--temp-dir", default=DEFAULT_TEMP_DIR)
-    down.set_defaults(func=handle_down)
+    command(down, DOWN_FLAGS, handle_down)

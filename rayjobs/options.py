@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import typing
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ValidationError, create_model
 from pydantic.fields import FieldInfo
@@ -39,13 +39,19 @@ def _is_list(annotation: Any) -> bool:
     return any(typing.get_origin(arg) is list for arg in (annotation, *typing.get_args(annotation)))
 
 
-def _flag_field(info: FieldInfo, default: Any, description: str | None) -> tuple[Any, Any]:
+def _flag_field(info: FieldInfo, default: Any, description: str | None, optional: bool = False) -> tuple[Any, Any]:
     """The flat field of one option; lists take space-separated values (``--orders 2 3``).
-    Only the flags given reach the configuration (the rest keep its own defaults)."""
-    annotation = info.annotation if info.is_required() else info.annotation | None
+    Only the flags given reach the configuration (the rest keep its own defaults).
+    pydantic-settings' own markers (``CliPositionalArg``) stay with the option. ``optional``:
+    an option of a section that is built only when one of its flags is given."""
+    required = info.is_required() and not optional
+    annotation = info.annotation if required else info.annotation | None
     if _is_list(annotation):
         annotation = CliVariadicArg[annotation]
-    if info.is_required():
+    markers = [m for m in info.metadata if getattr(m, "__module__", "").startswith("pydantic_settings")]
+    if markers:
+        annotation = Annotated[(annotation, *markers)]
+    if required:
         return annotation, FieldInfo(description=description)
     return annotation, FieldInfo(default=default, description=description)
 
@@ -57,40 +63,59 @@ def _default(info: FieldInfo) -> Any:
 class FlatCommand:
     """Flat flags for a configuration made of sections.
 
-    ``top``: the configuration; ``sections``: its fields that hold a model of their own
-    (field name → that model; the top's default for it gives the flags' defaults);
-    ``kinds``: (field name, classes, default kind) of a union discriminated on ``model``
-    (their options merged; each flag's help says which kinds take it); ``exclude``:
-    fields without a flag; ``shortcuts``: flag → another spelling of it.
+    ``top``: the configuration; ``sections``: its fields that hold a model of their own,
+    by dotted path (``"train"``, ``"scorer.topics"``) → that model; the configuration's
+    default for it gives the flags' defaults, and a section whose default is None is
+    built only when one of its flags is given. ``kinds``: (field name, classes, default
+    kind) of a union discriminated on ``model`` (their options merged; each flag's help
+    says which kinds take it); ``exclude``: options without a flag (a field name, or a
+    dotted path); ``renames``: option (field name or dotted path) → its flag's name
+    (``{"auctions": "auctions_topic"}``); ``shortcuts``: flag → another spelling of it.
     """
 
     def __init__(
         self, name: str, top: type[BaseModel], sections: dict[str, type[BaseModel]] | None = None,
         kinds: tuple[str, Sequence[type[BaseModel]], str] | None = None, exclude: Sequence[str] = (),
-        shortcuts: dict[str, str] | None = None,
+        renames: dict[str, str] | None = None, shortcuts: dict[str, str] | None = None,
     ):  # fmt: skip
         self.top, self.sections, self.kinds = top, sections or {}, kinds
         self.exclude = set(exclude)
+        renames = renames or {}
         self.shortcuts = {**SHORTCUTS, **(shortcuts or {})}
         fields: dict[str, tuple[Any, Any]] = {}
-        self.home: dict[str, str | None] = {}  # flat name → section (None: the top level)
+        self.home: dict[str, tuple[str | None, str]] = {}  # flag's field → (section or None: the top, option)
 
-        def add(name: str, spec: tuple[Any, Any], section: str | None) -> None:
+        def add(field_name: str, spec: tuple[Any, Any], section: str | None) -> None:
+            path = field_name if section is None else f"{section}.{field_name}"
+            if field_name in self.exclude or path in self.exclude:
+                return
+            name = renames.get(path, renames.get(field_name, field_name))
             if name in fields:
-                raise ValueError(f"option {name!r} is declared twice (in {self.home[name]!r} and {section!r})")
-            fields[name], self.home[name] = spec, section
+                raise ValueError(f"option {name!r} is declared twice (in {self.home[name][0]!r} and {section!r})")
+            fields[name], self.home[name] = spec, (section, field_name)
 
-        nested = set(self.sections) | ({kinds[0]} if kinds else set())
-        for field_name, info in top.model_fields.items():
-            if field_name not in nested and field_name not in self.exclude:
-                add(field_name, _flag_field(info, _default(info), info.description), None)
+        def own(path: str | None) -> dict[str, FieldInfo]:
+            """A section's options that are not sections themselves."""
+            model = top if path is None else self.sections[path]
+            inner = {f"{path}.{n}" if path else n for n in model.model_fields}
+            nested = inner & (set(self.sections) | ({kinds[0]} if kinds else set()))
+            return {n: info for n, info in model.model_fields.items() if (f"{path}.{n}" if path else n) not in nested}
+
+        for field_name, info in own(None).items():
+            add(field_name, _flag_field(info, _default(info), info.description), None)
         # A section's defaults are the configuration's default for it (e.g. a benchmark's batch size).
-        self.section_defaults = {section: _default(top.model_fields[section]) for section in self.sections}
+        self.section_defaults: dict[str, BaseModel | None] = {}
         for section, model in self.sections.items():
-            for field_name, info in model.model_fields.items():
-                if field_name not in self.exclude:
-                    default = getattr(self.section_defaults[section], field_name)
-                    add(field_name, _flag_field(info, default, info.description), section)
+            parent, _, last = section.rpartition(".")
+            outer = top if not parent else self.sections[parent]
+            default = _default(outer.model_fields[last]) if not parent or self.section_defaults[parent] is None else getattr(self.section_defaults[parent], last)
+            self.section_defaults[section] = default
+            for field_name, info in own(section).items():
+                if default is not None:
+                    value = getattr(default, field_name)
+                else:
+                    value = None if info.is_required() else _default(info)
+                add(field_name, _flag_field(info, value, info.description, optional=default is None), section)
         if kinds:
             section, classes, default_kind = kinds
             by_kind = {c.model_fields[DISCRIMINATOR].default: c for c in classes}
@@ -98,7 +123,7 @@ class FlatCommand:
             options: dict[str, dict[str, FieldInfo]] = {}
             for kind, model in by_kind.items():
                 for field_name, info in model.model_fields.items():
-                    if field_name != DISCRIMINATOR and field_name not in self.exclude:
+                    if field_name != DISCRIMINATOR:
                         options.setdefault(field_name, {})[kind] = info
             for field_name, per_kind in options.items():
                 first = next(iter(per_kind.values()))
@@ -120,13 +145,20 @@ class FlatCommand:
 
     def nest(self, flat: dict[str, Any]) -> dict[str, Any]:
         """The given flags as the nested configuration's input (absent flags left out)."""
-        nested: dict[str, Any] = {section: default.model_dump() for section, default in self.section_defaults.items()}
+        nested: dict[str, Any] = {}
+
+        def at(path: str) -> dict[str, Any]:
+            place = nested
+            for part in path.split("."):
+                place = place.setdefault(part, {})
+            return place
+
+        for section, default in self.section_defaults.items():  # outer sections first
+            if default is not None:
+                at(section).update({k: v for k, v in default.model_dump().items() if k not in at(section)})
         for name, value in flat.items():
-            section = self.home[name]
-            if section is None:
-                nested[name] = value
-            else:
-                nested.setdefault(section, {})[name] = value
+            section, field_name = self.home[name]
+            (nested if section is None else at(section))[field_name] = value
         if self.kinds:
             nested.setdefault(self.kinds[0], {}).setdefault(DISCRIMINATOR, self.default_kind)
         return nested
@@ -134,8 +166,14 @@ class FlatCommand:
     def argv(self, config: BaseModel) -> list[str]:
         """The flags that give ``config`` (the inverse of ``parse``)."""
         data = config.model_dump(mode="json")
-        flat = {name: data[name] if section is None else data[section].get(name) for name, section in self.home.items()}
-        given = {name: value for name, value in flat.items() if value is not None}
+
+        def value(section: str | None, field_name: str) -> Any:
+            place: Any = data
+            for part in section.split(".") if section else ():
+                place = (place or {}).get(part)
+            return (place or {}).get(field_name)
+
+        given = {name: v for name, home in self.home.items() if (v := value(*home)) is not None}
         return CliApp.serialize(self.flags.model_construct(_fields_set=set(given), **given), list_style="argparse")
 
     def parse(self, args: argparse.Namespace) -> Any:
@@ -146,19 +184,21 @@ class FlatCommand:
             flags = CliApp.run(self.flags, cli_args=argparse.Namespace(**given), cli_settings_source=self.source)
         except ValidationError as error:
             raise ValueError(one_line(error)) from None
-        return validated(self.top, self.nest(flags.model_dump(exclude_unset=True)))
+        flag_names = {(f"{section}.{option}" if section else option): name for name, (section, option) in self.home.items()}
+        return validated(self.top, self.nest(flags.model_dump(exclude_unset=True)), flag_names)
 
 
-def validated(model: type[BaseModel], data: dict[str, Any]) -> Any:
+def validated(model: type[BaseModel], data: dict[str, Any], flag_names: dict[str, str] | None = None) -> Any:
     """``model(**data)``; a validation failure is one ValueError line naming each bad option."""
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        raise ValueError(one_line(error)) from None
+        raise ValueError(one_line(error, flag_names)) from None
 
 
-def one_line(error: ValidationError) -> str:
-    """Each problem as ``--flag: message`` (a model validator's, which names its flags, as it is)."""
+def one_line(error: ValidationError, flag_names: dict[str, str] | None = None) -> str:
+    """Each problem as ``--flag: message`` (a model validator's, which names its flags, as it is);
+    ``flag_names``: option's dotted path → its flag's field, where the two differ."""
     problems = []
     for item in error.errors():
         names = [part for part in item["loc"] if isinstance(part, str)]  # without list indices
@@ -168,7 +208,8 @@ def one_line(error: ValidationError) -> str:
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             message = f"not an option of {names[-2]}" if len(names) > 1 else "not an option"
-        problems.append(f"--{names[-1].replace('_', '-')}: {message}" if names else message)
+        flag = (flag_names or {}).get(".".join(names), names[-1]) if names else None
+        problems.append(f"--{flag.replace('_', '-')}: {message}" if flag else message)
     return "; ".join(problems)
 
 

@@ -12,9 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from streaming.kafka_config import add_kafka_arguments, kafka_config_from_args, topic_names_from_args
+from pydantic import BaseModel, ConfigDict, Field
+
+from rayjobs.options import FlatCommand, command
+from streaming.kafka_config import KAFKA_SECTIONS, TOPIC_FLAGS, KafkaFlags, TopicNames
 from streaming.producer import (
     AuctionTemplate,
     LoadConfig,
@@ -25,7 +28,44 @@ from streaming.producer import (
 )
 
 
-def build_templates(args: argparse.Namespace) -> list[AuctionTemplate]:
+class ProduceJob(BaseModel):
+    """`rankstream produce`: where the auctions come from, how fast they go, and the Kafka client."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: Path | None = Field(default=None, description="prepared dataset directory (its test split)")
+    bundle: Path | None = Field(default=None, description="model bundle: random auctions over its schema and vocabulary")
+    count: int = Field(default=1000, ge=1, description="auctions to send")
+    items: int = Field(default=100, ge=1, description="items per auction")
+    distinct: int = Field(default=1000, ge=1, description="distinct auctions built, then cycled")
+    item_format: Literal["rows", "columns", "packed"] = Field(
+        default="rows",
+        description="items as a list of {item_id, features} maps, as columns (cheaper to decode), or as "
+        "columns with integer columns packed as binary (cheapest)",
+    )
+    context_fields: int = Field(default=20, ge=1, description="synthetic: context fields")
+    item_fields: int = Field(default=20, ge=1, description="synthetic: item fields")
+    multi_fields: int = Field(default=0, ge=0, description="synthetic: multi-valued item fields")
+    vocab_size: int = Field(default=1000, description="synthetic: vocabulary per field")
+    seed: int = 0
+    model: str | None = Field(default=None, description="bundle name to ask for (default: the scorer's)")
+    top_k: int | None = Field(default=None, ge=1, description="ask for the top-K item ids")
+    reply_to: str | None = Field(
+        default=None,
+        description="reply topic (default: the scores topic; the scorer must allow it: serve up --reply-to-pattern)",
+    )
+    rate: float = Field(default=0.0, ge=0, description="auctions per second (0: as fast as possible)")
+    reply_timeout: float = Field(default=10.0, gt=0, description="seconds without a reply before giving up")
+    json_path: Path | None = Field(default=None, description="write the report here")
+    progress: bool = True
+    kafka: KafkaFlags = KafkaFlags()
+    topics: TopicNames = TopicNames()
+
+
+FLAGS = FlatCommand("Produce", ProduceJob, sections=KAFKA_SECTIONS, renames=TOPIC_FLAGS, shortcuts={"json-path": "json"})
+
+
+def build_templates(args: ProduceJob) -> list[AuctionTemplate]:
     options: dict[str, Any] = {"model": args.model, "top_k": args.top_k, "reply_to": args.reply_to}
     distinct = min(args.count, args.distinct)
     if args.dataset is not None:
@@ -80,20 +120,20 @@ def print_report(report: LoadReport) -> None:
         print("model versions: " + ", ".join(f"{v} {n}" for v, n in report.model_versions.items()))
 
 
-def handle(args: argparse.Namespace) -> int:
-    config = kafka_config_from_args(args)
+def handle(args: ProduceJob) -> int:
+    config = args.kafka.client_config()
     templates = build_templates(args)
     load = LoadConfig(
         count=args.count,
         rate=args.rate or None,
         reply_timeout_s=args.reply_timeout,
         reply_topic=args.reply_to,
-        progress=not args.no_progress,
+        progress=args.progress,
     )
-    report = run_load(config, templates, load, topic_names_from_args(args))
+    report = run_load(config, templates, load, args.topics)
     print_report(report)
-    if args.json:
-        path = Path(args.json)
+    if args.json_path is not None:
+        path = args.json_path
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report.model_dump(), indent=2) + "\n")
         print(f"wrote {path}")
@@ -102,27 +142,4 @@ def handle(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("produce", help="send auctions through Kafka, report latency and throughput")
-    source = parser.add_argument_group("auctions")
-    source.add_argument("--dataset", default=None, help="prepared dataset directory (its test split)")
-    source.add_argument("--bundle", default=None, help="model bundle: random auctions over its schema and vocabulary")
-    source.add_argument("--count", type=int, default=1000, help="auctions to send")
-    source.add_argument("--items", type=int, default=100, help="items per auction")
-    source.add_argument("--distinct", type=int, default=1000, help="distinct auctions built, then cycled")
-    source.add_argument("--item-format", choices=["rows", "columns", "packed"], default="rows",
-                        help="items as a list of {item_id, features} maps, as columns (cheaper to decode), or as "
-                             "columns with integer columns packed as binary (cheapest)")
-    source.add_argument("--context-fields", type=int, default=20, help="synthetic: context fields")
-    source.add_argument("--item-fields", type=int, default=20, help="synthetic: item fields")
-    source.add_argument("--multi-fields", type=int, default=0, help="synthetic: multi-valued item fields")
-    source.add_argument("--vocab-size", type=int, default=1000, help="synthetic: vocabulary per field")
-    source.add_argument("--seed", type=int, default=0)
-    source.add_argument("--model", default=None, help="bundle name to ask for (default: the scorer's)")
-    source.add_argument("--top-k", type=int, default=None, help="ask for the top-K item ids")
-    source.add_argument("--reply-to", default=None, help="reply topic (default: the scores topic; the scorer must allow it: serve up --reply-to-pattern)")
-    run = parser.add_argument_group("run")
-    run.add_argument("--rate", type=float, default=0.0, help="auctions per second (0: as fast as possible)")
-    run.add_argument("--reply-timeout", type=float, default=10.0, help="seconds without a reply before giving up")
-    run.add_argument("--json", default=None, help="write the report here")
-    run.add_argument("--no-progress", action="store_true")
-    add_kafka_arguments(parser)
-    parser.set_defaults(func=handle)
+    command(parser, FLAGS, handle)

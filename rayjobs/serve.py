@@ -15,19 +15,17 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import CliPositionalArg
 
 from rayjobs.cluster import DEFAULT_TEMP_DIR, auth_headers, cluster_status
+from rayjobs.options import FlatCommand, command
 from serve_app.config import ModelConfig, ScorerArgs
 from serve_app.runtime import ScoringRuntime
-from streaming.kafka_config import (
-    SASL_PASSWORD_ENV,
-    add_kafka_arguments,
-    kafka_config_from_args,
-    topic_names_from_args,
-)
+from streaming.kafka_config import SASL_PASSWORD_ENV, TOPIC_FLAGS, KafkaFlags, TopicNames
 from streaming.protocol import ProtocolLimits
 
 APP_NAME = "rankstream"
@@ -192,7 +190,36 @@ def metrics_urls(dashboard_url: str) -> list[str]:
 
 
 # -- CLI -----------------------------------------------------------------------------------
-def _dashboard_url(args: argparse.Namespace) -> str:
+class ServeCommand(BaseModel):
+    """`rankstream serve up|status|down`. The scorer's flags are ``ScorerArgs``, the Serve
+    application's own arguments (their one declaration, defaults included); the model is
+    its ``ModelConfig`` (the deployment's user_config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    serve_command: CliPositionalArg[Literal["up", "status", "down"]] = Field(description="up, status or down")
+    model: ModelConfig | None = None  # --bundle, --catalog (up)
+    scorer: ScorerArgs = ScorerArgs()
+    kafka: bool = Field(default=True, description="consume auctions from Kafka (--no-kafka: HTTP only)")
+    client: KafkaFlags = KafkaFlags()
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8000, ge=1, le=65535)
+    timeout: float = Field(default=180.0, gt=0, description="seconds to wait for the deploy")
+    json_status: bool = Field(default=False, description="status as JSON")
+    dashboard_url: str | None = Field(default=None, description="the Ray cluster's dashboard (default: the head of `rankstream cluster up`)")
+    temp_dir: str = Field(default=DEFAULT_TEMP_DIR, description="the local Ray head's temp dir")
+
+
+FLAGS = FlatCommand(
+    "Serve", ServeCommand,
+    sections={"model": ModelConfig, "scorer": ScorerArgs, "scorer.topics": TopicNames, "scorer.limits": ProtocolLimits,
+              "client": KafkaFlags},
+    exclude=("scorer.kafka", "scorer.model"), renames={**TOPIC_FLAGS, "num_replicas": "replicas"},
+    shortcuts={"json-status": "json"},
+)  # fmt: skip
+
+
+def _dashboard_url(args: ServeCommand) -> str:
     """The target cluster's dashboard (its Serve REST API and node list)."""
     if args.dashboard_url:
         return args.dashboard_url
@@ -202,24 +229,19 @@ def _dashboard_url(args: argparse.Namespace) -> str:
     return cluster.dashboard_url
 
 
-def scorer_args_from(args: argparse.Namespace) -> tuple[ModelConfig, ScorerArgs]:
-    bundle = Path(args.bundle).resolve()
+def scorer_args_from(args: ServeCommand) -> tuple[ModelConfig, ScorerArgs]:
+    """The model (bundle and catalog as absolute paths) and the scorer's arguments with its Kafka client."""
+    if args.model is None:
+        raise ValueError("serve up needs --bundle DIR")
+    bundle = Path(args.model.bundle).resolve()
     if not (bundle / "config.json").is_file():
         raise FileNotFoundError(f"no model bundle at {bundle}")
-    catalog = str(Path(args.catalog).resolve()) if args.catalog else None
-    kafka = None if args.no_kafka else kafka_config_from_args(args)
+    catalog = str(Path(args.model.catalog).resolve()) if args.model.catalog else None
+    kafka = args.client.client_config() if args.kafka else None
     if kafka is not None and kafka.sasl_plain_password is not None:
         if kafka.sasl_plain_password.get_secret_value() == os.environ.get(SASL_PASSWORD_ENV):
             kafka = kafka.model_copy(update={"sasl_plain_password": None})  # replicas read the same variable
-    return ModelConfig(bundle=str(bundle), catalog=catalog), ScorerArgs(
-        kafka=kafka,
-        topics=topic_names_from_args(args),
-        group_id=args.group_id,
-        num_replicas=args.replicas,
-        max_poll_records=args.max_poll_records,
-        context_cache_size=args.context_cache_size,
-        limits=ProtocolLimits(max_items=args.max_items),
-    )
+    return ModelConfig(bundle=str(bundle), catalog=catalog), args.scorer.model_copy(update={"kafka": kafka})
 
 
 def check_loads(model: ModelConfig, args: ScorerArgs) -> None:
@@ -235,11 +257,9 @@ def check_loads(model: ModelConfig, args: ScorerArgs) -> None:
         ) from None
 
 
-def handle(args: argparse.Namespace) -> int:
+def handle(args: ServeCommand) -> int:
     dashboard_url = _dashboard_url(args)
     if args.serve_command == "up":
-        if not args.bundle:
-            raise ValueError("serve up needs --bundle DIR")
         model, scorer_args = scorer_args_from(args)
         check_loads(model, scorer_args)
         deployed_at = time.time()
@@ -260,7 +280,7 @@ def handle(args: argparse.Namespace) -> int:
         delete(dashboard_url)
         print("scorer deleted")
         return 0
-    return _print_status(dashboard_url, args.json)
+    return _print_status(dashboard_url, args.json_status)
 
 
 def _print_status(dashboard_url: str, as_json: bool) -> int:
@@ -293,21 +313,4 @@ def _print_status(dashboard_url: str, as_json: bool) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("serve", help="the Ray Serve scorer: up, status, down")
-    parser.add_argument("serve_command", choices=["up", "status", "down"])
-    parser.add_argument("--bundle", help="model bundle directory (up)")
-    parser.add_argument("--catalog", default=None, help="item-features parquet for catalog auctions (up)")
-    parser.add_argument("--replicas", type=int, default=1, help="at most the auctions topic's partitions")
-    parser.add_argument("--group-id", default="rankstream-scorer")
-    parser.add_argument("--max-poll-records", type=int, default=256)
-    parser.add_argument("--context-cache-size", type=int, default=10_000)
-    parser.add_argument("--max-items", type=int, default=ProtocolLimits().max_items)
-    parser.add_argument("--no-kafka", action="store_true", help="HTTP only")
-    parser.add_argument("--http-host", default="127.0.0.1")
-    parser.add_argument("--http-port", type=int, default=8000)
-    parser.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the deploy")
-    parser.add_argument("--json", action="store_true", help="status as JSON")
-    cluster = parser.add_argument_group("Ray cluster")
-    cluster.add_argument("--dashboard-url", default=None, help="default: the head of `rankstream cluster up`")
-    cluster.add_argument("--temp-dir", default=DEFAULT_TEMP_DIR)
-    add_kafka_arguments(parser)
-    parser.set_defaults(func=handle)
+    command(parser, FLAGS, handle)

@@ -1,14 +1,13 @@
 """Kafka client settings shared by every producer, consumer and admin client, so the
 same code runs against the embedded broker and a real (SASL/SSL) Kafka cluster.
 
-``add_kafka_arguments`` gives every subcommand the same flags; without
-``--bootstrap-servers`` (or $RANKSTREAM_BOOTSTRAP_SERVERS) commands use the embedded
-broker that ``rankstream broker up`` started.
+``KafkaFlags`` and ``TopicNames`` are every Kafka-facing command's flags (``KAFKA_SECTIONS``,
+through rayjobs/options.py); without ``--bootstrap-servers`` (or $RANKSTREAM_BOOTSTRAP_SERVERS)
+commands use the embedded broker that ``rankstream broker up`` started.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 from pathlib import Path
@@ -30,9 +29,9 @@ SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"
 class TopicNames(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    auctions: str = "auctions"
-    scores: str = "scores"
-    dlq: str = "auctions.dlq"
+    auctions: str = Field(default="auctions", description="the topic the scorer reads auctions from")
+    scores: str = Field(default="scores", description="the topic scores are written to")
+    dlq: str = Field(default="auctions.dlq", description="the dead-letter topic of auctions that could not be scored")
     reply_to_pattern: str | None = Field(
         default=None,
         description="regular expression (whole name) of the topics an auction's reply_to may name besides the "
@@ -79,7 +78,10 @@ class KafkaClientConfig(BaseModel):
     security_protocol: SecurityProtocol = "PLAINTEXT"
     sasl_mechanism: SaslMechanism | None = None
     sasl_plain_username: str | None = None
-    sasl_plain_password: SecretStr | None = None
+    sasl_plain_password: SecretStr | None = Field(
+        default=None,
+        description=f"default: ${SASL_PASSWORD_ENV} (prefer the variable: it keeps the password out of shell history)",
+    )
     ssl_cafile: Path | None = None
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
@@ -131,65 +133,32 @@ class KafkaClientConfig(BaseModel):
         return {**config, **overrides}
 
 
-def add_kafka_arguments(parser: argparse.ArgumentParser, topics: bool = True) -> None:
-    """The client flags every Kafka-facing subcommand takes."""
-    group = parser.add_argument_group("Kafka client")
-    group.add_argument(
-        "--bootstrap-servers",
-        default=os.environ.get(BOOTSTRAP_ENV),
-        help=f"host:port list (default: ${BOOTSTRAP_ENV}, else the embedded broker of `rankstream broker up`)",
+class KafkaFlags(KafkaClientConfig):
+    """A command's Kafka client flags: the client settings, with the address optional."""
+
+    bootstrap_servers: str | None = Field(  # type: ignore[assignment]
+        default=None,
+        description=f"host:port list (default: ${BOOTSTRAP_ENV}, else the embedded broker of `rankstream broker up`)",
     )
-    group.add_argument("--security-protocol", default="PLAINTEXT", choices=list(SecurityProtocol.__args__))  # type: ignore[attr-defined]
-    group.add_argument("--sasl-mechanism", default=None, choices=list(SaslMechanism.__args__))  # type: ignore[attr-defined]
-    group.add_argument("--sasl-plain-username", default=None)
-    group.add_argument(
-        "--sasl-plain-password",
-        default=os.environ.get(SASL_PASSWORD_ENV),
-        help=f"(default: ${SASL_PASSWORD_ENV}; prefer the variable to keep it out of shell history)",
-    )
-    group.add_argument("--ssl-cafile", type=Path, default=None)
-    group.add_argument("--ssl-certfile", type=Path, default=None)
-    group.add_argument("--ssl-keyfile", type=Path, default=None)
-    group.add_argument("--no-ssl-check-hostname", dest="ssl_check_hostname", action="store_false")
-    group.add_argument("--state-dir", type=Path, default=None, help="embedded broker state (default: ~/.rankstream)")
-    if topics:
-        defaults = TopicNames()
-        group.add_argument("--auctions-topic", default=defaults.auctions)
-        group.add_argument("--scores-topic", default=defaults.scores)
-        group.add_argument("--dlq-topic", default=defaults.dlq)
-        group.add_argument(
-            "--reply-to-pattern", default=defaults.reply_to_pattern,
-            help="regular expression of the topics an auction's reply_to may name besides the scores topic (scorer)",
-        )
+    state_dir: Path | None = Field(default=None, description="embedded broker state (default: ~/.rankstream)")
+
+    def client_config(self) -> KafkaClientConfig:
+        """The client config the flags describe; falls back to the running embedded broker."""
+        bootstrap = self.bootstrap_servers or os.environ.get(BOOTSTRAP_ENV)
+        if not bootstrap:
+            from streaming.broker import broker_status
+
+            state = broker_status(self.state_dir)
+            if state is None:
+                raise ValueError(
+                    f"no --bootstrap-servers (or ${BOOTSTRAP_ENV}) and no embedded broker running; "
+                    "start one with `rankstream broker up`"
+                )
+            bootstrap = state.bootstrap_servers
+        settings = {name: getattr(self, name) for name in KafkaClientConfig.model_fields}
+        return KafkaClientConfig(**{**settings, "bootstrap_servers": bootstrap})
 
 
-def kafka_config_from_args(args: argparse.Namespace) -> KafkaClientConfig:
-    """The client config the flags describe; falls back to the running embedded broker."""
-    bootstrap = args.bootstrap_servers
-    if not bootstrap:
-        from streaming.broker import broker_status
-
-        state = broker_status(args.state_dir)
-        if state is None:
-            raise ValueError(
-                f"no --bootstrap-servers (or ${BOOTSTRAP_ENV}) and no embedded broker running; "
-                "start one with `rankstream broker up`"
-            )
-        bootstrap = state.bootstrap_servers
-    return KafkaClientConfig(
-        bootstrap_servers=bootstrap,
-        security_protocol=args.security_protocol,
-        sasl_mechanism=args.sasl_mechanism,
-        sasl_plain_username=args.sasl_plain_username,
-        sasl_plain_password=args.sasl_plain_password,
-        ssl_cafile=args.ssl_cafile,
-        ssl_certfile=args.ssl_certfile,
-        ssl_keyfile=args.ssl_keyfile,
-        ssl_check_hostname=args.ssl_check_hostname,
-    )
-
-
-def topic_names_from_args(args: argparse.Namespace) -> TopicNames:
-    return TopicNames(
-        auctions=args.auctions_topic, scores=args.scores_topic, dlq=args.dlq_topic, reply_to_pattern=args.reply_to_pattern
-    )
+# The sections and flag names of a Kafka-facing command's configuration (rayjobs/options.py).
+KAFKA_SECTIONS: dict[str, type[BaseModel]] = {"kafka": KafkaFlags, "topics": TopicNames}
+TOPIC_FLAGS = {"auctions": "auctions_topic", "scores": "scores_topic", "dlq": "dlq_topic"}

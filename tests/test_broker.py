@@ -4,7 +4,6 @@ after `down`. Every broker started here is stopped in a finally block."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import socket
 import subprocess
@@ -16,14 +15,9 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from streaming.admin import create_topics, partition_counts
 from streaming.broker import STATE_FILE, broker_status, free_port, port_accepts, start_broker, stop_broker
-from streaming.kafka_config import (
-    BOOTSTRAP_ENV,
-    KafkaClientConfig,
-    TopicNames,
-    add_kafka_arguments,
-    kafka_config_from_args,
-    topic_names_from_args,
-)
+from rayjobs.cli import build_parser
+from rayjobs.produce import FLAGS, ProduceJob
+from streaming.kafka_config import BOOTSTRAP_ENV, KafkaClientConfig, TopicNames
 
 REPO = Path(__file__).resolve().parents[1]
 RANKSTREAM = Path(sys.executable).parent / "rankstream"
@@ -138,15 +132,18 @@ def test_stale_state_file_means_no_broker(tmp_path: Path) -> None:
     assert not (tmp_path / STATE_FILE).exists()
 
 
+def produce_flags(*argv: str) -> ProduceJob:
+    """The typed configuration `rankstream produce ARGV` runs with (a Kafka-facing command's flags)."""
+    return FLAGS.parse(build_parser().parse_args(["produce", *argv]))
+
+
 def test_kafka_flags_pass_through_to_clients() -> None:
-    parser = argparse.ArgumentParser()
-    add_kafka_arguments(parser)
-    args = parser.parse_args([
+    args = produce_flags(
         "--bootstrap-servers", "k1:9093,k2:9093", "--security-protocol", "SASL_SSL",
         "--sasl-mechanism", "SCRAM-SHA-512", "--sasl-plain-username", "scorer", "--sasl-plain-password", "s3cret",
         "--ssl-cafile", "/etc/ca.pem", "--auctions-topic", "bids",
-    ])
-    config = kafka_config_from_args(args)
+    )  # fmt: skip
+    config = args.kafka.client_config()
     assert config.client_kwargs() == {
         "bootstrap_servers": ["k1:9093", "k2:9093"],
         "client_id": "rankstream",
@@ -170,15 +167,16 @@ def test_kafka_flags_pass_through_to_clients() -> None:
     no_hostname_check = KafkaClientConfig(bootstrap_servers="k:9093", security_protocol="SSL", ssl_check_hostname=False)
     assert no_hostname_check.librdkafka()["ssl.endpoint.identification.algorithm"] == "none"
     assert "s3cret" not in repr(config)
-    assert topic_names_from_args(args) == TopicNames(auctions="bids")
+    assert args.topics == TopicNames(auctions="bids")
+    assert produce_flags("--bootstrap-servers", "k:9093", "--no-ssl-check-hostname").kafka.client_config().ssl_check_hostname is False
 
 
-def test_bootstrap_defaults_to_the_embedded_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(BOOTSTRAP_ENV, raising=False)
-    parser = argparse.ArgumentParser()
-    add_kafka_arguments(parser)
-    args = parser.parse_args(["--state-dir", str(tmp_path)])
+def test_bootstrap_defaults_to_the_variable_then_the_embedded_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(BOOTSTRAP_ENV, "from-env:9092")
+    args = produce_flags("--state-dir", str(tmp_path))
+    assert args.kafka.client_config().bootstrap_servers == "from-env:9092"
+    monkeypatch.delenv(BOOTSTRAP_ENV)
     with pytest.raises(ValueError, match="rankstream broker up"):
-        kafka_config_from_args(args)
+        args.kafka.client_config()
     with start_broker(state_dir=tmp_path) as broker:
-        assert kafka_config_from_args(args).bootstrap_servers == broker.bootstrap_servers
+        assert args.kafka.client_config().bootstrap_servers == broker.bootstrap_servers

@@ -1,0 +1,92 @@
+"""The commands' flags come from their typed configurations (rayjobs/options.py): an
+unknown or misspelled flag is an error, the generated flags round-trip a configuration,
+and the Serve config file for `serve deploy` holds the defaults `rankstream serve up` has
+(ScorerArgs, the Serve application's own arguments, declares them once)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rayjobs import broker, cluster, demo, produce, serve
+from rayjobs.cli import build_parser, main
+from serve_app.config import ModelConfig, ScorerArgs
+from streaming.kafka_config import TopicNames
+from streaming.protocol import ProtocolLimits
+
+REPO = Path(__file__).resolve().parents[1]
+# (command words, the flags a run needs, the command's FlatCommand)
+COMMANDS = [
+    (["serve", "status"], [], serve.FLAGS),
+    (["broker", "status"], [], broker.FLAGS),
+    (["cluster", "status"], [], cluster.FLAGS),
+    (["produce"], [], produce.FLAGS),
+    (["demo"], [], demo.FLAGS),
+    (["down"], [], demo.DOWN_FLAGS),
+]
+
+
+def parse(words: list[str], flags, *argv: str):
+    return flags.parse(build_parser().parse_args([*words, *argv]))
+
+
+@pytest.mark.parametrize(("words", "needed", "flags"), COMMANDS, ids=[" ".join(c[0]) for c in COMMANDS])
+def test_an_unknown_flag_is_an_error(words, needed, flags, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main([*words, *needed, "--replicsa", "2"])
+    assert exit.value.code == 2
+    assert "unrecognized arguments: --replicsa 2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("words", "needed", "flags"), COMMANDS, ids=[" ".join(c[0]) for c in COMMANDS])
+def test_the_defaults_round_trip(words, needed, flags):
+    config = parse(words, flags, *needed)
+    assert parse(words[:1], flags, *flags.argv(config)) == config
+
+
+def test_serve_flags_are_the_scorer_args():
+    config = parse(["serve", "up"], serve.FLAGS, "--bundle", "b", "--replicas", "3", "--auctions-topic", "bids",
+                   "--reply-to-pattern", "replies-.*", "--max-items", "7", "--group-id", "g", "--no-kafka", "--json")  # fmt: skip
+    assert config.model == ModelConfig(bundle="b")
+    assert config.scorer == ScorerArgs(
+        num_replicas=3, group_id="g", topics=TopicNames(auctions="bids", reply_to_pattern="replies-.*"),
+        limits=ProtocolLimits(max_items=7),
+    )  # fmt: skip
+    assert (config.kafka, config.json_status) == (False, True)
+    assert parse(["serve"], serve.FLAGS, *serve.FLAGS.argv(config)) == config
+    assert parse(["serve", "status"], serve.FLAGS).model is None  # the model is up's alone
+    with pytest.raises(ValueError, match="--bundle: Field required"):
+        parse(["serve", "up"], serve.FLAGS, "--catalog", "c.parquet")
+    with pytest.raises(ValueError, match="--replicas: Input should be greater than or equal to 1"):
+        parse(["serve", "up"], serve.FLAGS, "--bundle", "b", "--replicas", "0")
+
+
+def test_produce_and_broker_flags():
+    job = parse(["produce"], produce.FLAGS, "--count", "5", "--json", "r.json", "--no-progress", "--dlq-topic", "dead")
+    assert (job.count, job.json_path, job.progress, job.topics.dlq) == (5, Path("r.json"), False, "dead")
+    assert parse(["produce"], produce.FLAGS, *produce.FLAGS.argv(job)) == job
+    up = parse(["broker", "up"], broker.FLAGS, "--partitions", "2", "--scores-topic", "s")
+    assert (up.broker_command, up.partitions, up.topics) == ("up", 2, TopicNames(scores="s"))
+    with pytest.raises(SystemExit):  # the scorer's reply-to pattern is no broker setting
+        build_parser().parse_args(["broker", "up", "--reply-to-pattern", "x"])
+
+
+def test_the_serve_config_file_has_serve_ups_defaults():
+    """cluster/serve_config.yaml is what `serve up` deploys with the flags its comments
+    name: every setting it spells out equals ScorerArgs' default unless a flag sets it.
+    (The file stays hand-annotated for `serve deploy` users; this keeps it in step.)"""
+    config = yaml.safe_load((REPO / "cluster" / "serve_config.yaml").read_text())
+    (application,) = config["applications"]
+    (deployment,) = application["deployments"]
+    flags = parse(["serve", "up"], serve.FLAGS, "--bundle", deployment["user_config"]["bundle"],
+                  "--replicas", str(deployment["num_replicas"]),
+                  "--http-host", config["http_options"]["host"], "--http-port", str(config["http_options"]["port"]))  # fmt: skip
+    kafka = application["args"]["kafka"]
+    expected = flags.scorer.model_copy(update={"kafka": flags.client.model_copy(update=kafka).client_config()})
+    assert ScorerArgs.model_validate(application["args"]) == expected
+    assert ModelConfig.model_validate(deployment["user_config"]) == flags.model
+    deployed = serve.serve_config(expected, flags.model, flags.http_host, flags.http_port)
+    written = {**config, "applications": [{**application, "args": deployed["applications"][0]["args"]}]}
+    assert deployed == written  # apart from args (num_replicas there too), the file is serve up's config
