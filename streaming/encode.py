@@ -132,6 +132,39 @@ def _hash_lookup(table_keys, table_indices, values, shift):  # pragma: no cover 
     return out
 
 
+class _FieldsIndex:
+    """The ``_IntegerIndex`` tables of several fields laid end to end: a (fields, N)
+    array of raw values maps to (N, fields) indices in one compiled call."""
+
+    def __init__(self, indexes: Sequence[_IntegerIndex]) -> None:
+        self.keys = np.concatenate([index.keys for index in indexes])
+        self.indices = np.concatenate([index.indices for index in indexes])
+        self.starts = np.cumsum([0] + [len(index.keys) for index in indexes], dtype=np.int64)
+        self.shifts = np.array([index.shift for index in indexes], dtype=np.int64)
+
+    def lookup(self, values: np.ndarray) -> np.ndarray:
+        out = np.empty((values.shape[1], values.shape[0]), dtype=np.int64)
+        _hash_lookup_fields(self.keys, self.indices, self.starts, self.shifts, values, out)
+        return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _hash_lookup_fields(table_keys, table_indices, starts, shifts, values, out):  # pragma: no cover - compiled
+    fields, count = values.shape
+    for f in range(fields):
+        start, mask, shift = starts[f], starts[f + 1] - starts[f] - 1, shifts[f]
+        for n in range(count):
+            value = np.int64(values[f, n])
+            slot = _home_slot(value, shift)
+            found = RARE_INDEX
+            while table_indices[start + slot] != 0:
+                if table_keys[start + slot] == value:
+                    found = table_indices[start + slot]
+                    break
+                slot = (slot + 1) & mask
+            out[n, f] = found
+
+
 class _FieldMapper:
     """Raw value -> index for one field, remembering the values it has seen."""
 
@@ -149,9 +182,13 @@ class _FieldMapper:
         """Indices of a packed column (int64 raw values)."""
         if self.vocabulary.transform != "none":  # e.g. Criteo's log binning: the token path
             return self.column(values.tolist())
+        return self.integers().lookup(values)
+
+    def integers(self) -> _IntegerIndex:
+        """The index of the field's integer tokens (for packed columns), built once."""
         if self._integers is None:
             self._integers = _IntegerIndex(self.vocabulary)
-        return self._integers.lookup(values)
+        return self._integers
 
     def column(self, values: Sequence[Any]) -> np.ndarray:
         """Indices of a column of single values."""
@@ -243,6 +280,35 @@ class _Side:
         # itemgetter of one key returns the value, of several a tuple: keep one shape.
         getter = itemgetter(*names) if names else (lambda _: ())
         self.get_row = getter if len(names) != 1 else (lambda m, g=getter: (g(m),))
+        self._fields_index: _FieldsIndex | None = None  # built on the first all-packed batch
+
+    def packed_batch(self, column_maps: list[Mapping[str, Any]], counts: list[int]) -> FeatureBatch | None:
+        """The batch of columns-form items whose every field is a packed column of one
+        width, when the side's fields are all single-valued without a token transform:
+        one buffer and one compiled lookup for all fields. None for any other batch,
+        which takes the general path (same indices, one field at a time)."""
+        index = self.fields_index()
+        if index is None:
+            return None
+        total = sum(counts)
+        widths = set()
+        for columns, count in zip(column_maps, counts):
+            if columns.keys() != self.allowed or set(map(type, columns.values())) != {bytes}:
+                return None
+            widths.update(len(column) // count for column in columns.values())
+        if len(widths) != 1:
+            return None
+        buffer = b"".join([columns[name] for name in self.names for columns in column_maps])  # field-major
+        values = np.frombuffer(buffer, dtype="<i4" if widths == {4} else "<i8").reshape(len(self.names), total)
+        single = index.lookup(values)
+        return FeatureBatch(self.names, self.single, torch.from_numpy(single), (), ())
+
+    def fields_index(self) -> _FieldsIndex | None:
+        """The index for ``packed_batch`` (built once), or None where it does not apply."""
+        if self._fields_index is None and not self.multi and self.names:
+            if all(m.vocabulary.transform == "none" for m in self.mappers.values()):
+                self._fields_index = _FieldsIndex([self.mappers[n].integers() for n in self.names])
+        return self._fields_index
 
     def columns_of_maps(self, maps: list[dict[str, Any]], missing: MissingPolicy) -> list[Sequence[Any]]:
         """Per field (``names`` order), its values in the maps (one map per row)."""
@@ -361,6 +427,10 @@ class AuctionEncoder:
         the first packed auction is not the one that waits for it."""
         for mapper in self.item_side.mappers.values():
             mapper.packed(np.zeros(1, dtype=np.int64))
+        index = self.item_side.fields_index()
+        if index is not None:
+            for dtype in (np.int32, np.int64):  # both packed widths
+                index.lookup(np.zeros((len(self.item_side.names), 1), dtype=dtype))
 
     def encode(self, auction: Auction) -> tuple[FeatureBatch, FeatureBatch]:
         """(context batch of 1 row, item batch of one row per item) of a feature-item auction."""
@@ -424,6 +494,10 @@ class AuctionEncoder:
     def _item_batch(self, auctions: list[Auction]) -> FeatureBatch:
         """Item rows of feature-item auctions, in auction order."""
         side, parts = self.item_side, []
+        if auctions and all(a.item_columns is not None for a in auctions):
+            packed = side.packed_batch([a.item_columns for a in auctions], [len(a) for a in auctions])
+            if packed is not None:
+                return packed
         for auction in auctions:
             if auction.item_features is not None:
                 parts.append(side.columns_of_maps(auction.item_features, self.missing))

@@ -345,3 +345,55 @@ def test_the_value_cache_is_bounded_by_bytes_under_a_flood_of_long_unseen_values
     assert mapper.cache_bytes <= 8 << 20
     assert mapper.cache_bytes == sum(map(sys.getsizeof, mapper.cache))
     assert len(mapper.cache) < 10_000
+
+
+INTEGER_SCHEMA = FeatureSchema(
+    fields=(
+        FieldSpec(name="user", role=Role.context, vocab_size=4),
+        FieldSpec(name="campaign", role=Role.item, vocab_size=9),
+        FieldSpec(name="slot", role=Role.item, vocab_size=5),
+    )
+)
+INTEGER_VOCABULARY = Vocabulary(
+    [
+        FieldVocabulary("user", ["u1", "u2"]),
+        FieldVocabulary("campaign", ["7", "05", "-3", "x", " 6", "+8", str(2**63 - 1)]),
+        FieldVocabulary("slot", ["1", "2", "3"]),
+    ]
+)
+
+
+def test_all_packed_batches_take_one_lookup_and_encode_like_lists() -> None:
+    """The all-packed path (every field packed, one width: one buffer, one compiled
+    lookup) gives the indices the per-field path gives the same values as lists."""
+    values = [
+        {"campaign": [7, 5, -3, 6, 8, 2**63 - 1, 99, -(2**63)], "slot": [1, 2, 3, 4, 0, 1, 2, 3]},  # int64
+        {"campaign": [7, -3, 0, 1, 2, 3, 4, 5], "slot": [3, 3, 2, 2, 1, 1, 0, 0]},  # int32
+        {"campaign": [-3, 7, 7, 7, 9, 9, 9, 9], "slot": [2, 2, 2, 2, 5, 5, 5, 5]},  # int32
+    ]
+
+    def auctions(packed: bool) -> list:
+        return [
+            decoded(f"a{n}", {"user": "u2"}, {"item_id": list(range(8)),
+                    "features": {k: pack_column(v) if packed else v for k, v in columns.items()}})
+            for n, columns in enumerate(values)
+        ]  # fmt: skip
+
+    encoder = AuctionEncoder(INTEGER_SCHEMA, INTEGER_VOCABULARY)
+    side = encoder.item_side
+    packed, listed = auctions(packed=True), auctions(packed=False)
+    assert side.packed_batch([a.item_columns for a in packed[1:]], [8, 8]) is not None  # one width
+    assert side.packed_batch([a.item_columns for a in packed], [8, 8, 8]) is None  # two widths
+    assert side.packed_batch([a.item_columns for a in listed[1:]], [8, 8]) is None
+    for chosen in ([1, 2], [0], [0, 1, 2]):
+        fast = encoder.encode_many([packed[n] for n in chosen]).items
+        general = encoder.encode_many([listed[n] for n in chosen]).items
+        assert fast.fields == general.fields and fast.single_fields == general.single_fields
+        assert torch.equal(fast.single, general.single)
+    assert encoder.encode_many(packed[:1]).items.single[:, 0].tolist() == [2, 1, 4, 1, 1, 8, 1, 1]
+    # An unknown or a missing field leaves the all-packed path: rejected as before.
+    stray = decoded("s", {"user": "u2"}, {"item_id": [1], "features": {"slot": pack_column([1]), "colour": pack_column([1])}})
+    assert encoder.encode_many([stray]).errors[0][1].reason == Reason.unknown_field
+    strict = AuctionEncoder(INTEGER_SCHEMA, INTEGER_VOCABULARY, missing="error")
+    lacking = decoded("m", {"user": "u2"}, {"item_id": [1], "features": {"slot": pack_column([1])}})
+    assert strict.encode_many([lacking]).errors[0][1].reason == Reason.missing_field

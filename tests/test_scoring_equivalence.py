@@ -194,3 +194,27 @@ def test_tensorfm_cached_context_and_catalog_equal_the_full_forward(schema, orde
     torch.testing.assert_close(from_catalog, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(every[context_index, torch.arange(13)], expected, rtol=1e-4, atol=1e-4)
     assert catalog.vectors.shape[1] == sum(r * 4 * (2**d - 2) for d, r in zip(orders, ranks))
+
+
+@pytest.mark.parametrize("kind", ["dplr_fwfm", "fm"])
+def test_compiled_serving_scores_equal_the_composed_reference(kind):
+    """Without autograd, items of single-valued fields take one compiled pass; it equals
+    the torch composition (``score_items_composed``) for shared and per-item contexts."""
+    schema = FeatureSchema(
+        fields=tuple(FieldSpec(name=f"f{i}", role=Role.context if i < 4 else Role.item, vocab_size=30) for i in range(10))
+    )
+    rng = np.random.default_rng(5)
+    model = random_model(kind, schema, rank=3, seed=5)
+    contexts = random_rows(schema, schema.context_fields, 3, rng)
+    items = random_rows(schema, schema.item_fields, 50, rng)
+    context_index = torch.from_numpy(rng.integers(0, 3, 50))
+    with torch.inference_mode():
+        state = model.encode_context(contexts)
+        one = model.encode_context(contexts.rows(slice(2, 3)))
+        torch.testing.assert_close(
+            model.score_items(state, items, context_index), model.score_items_composed(state, items, context_index),
+            rtol=1e-6, atol=1e-5,
+        )  # fmt: skip
+        torch.testing.assert_close(model.score_items(one, items), model.score_items_composed(one, items), rtol=1e-6, atol=1e-5)
+        with pytest.raises(ValueError, match="pass context_index"):
+            model.score_items(state, items)

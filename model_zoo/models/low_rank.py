@@ -80,6 +80,30 @@ class LowRankInteractionModel(CTRModel):
         self, state: LowRankContext, items: FeatureBatch, context_index: Tensor | None = None
     ) -> Tensor:
         self.check_items(state, items)
+        query = state.query
+        if not items.bags and items.single_fields and not torch.is_grad_enabled() and _compiled_dtype(query):
+            # Serving: one compiled pass per item (its rows summed, then both products) in
+            # place of two embedding_bag calls and four (N, ρk) temporaries.
+            tables = self._tables(items)
+            index = torch.zeros(len(items), dtype=torch.int64) if context_index is None else context_index
+            if context_index is None and query.shape[0] != 1:
+                raise ValueError("several contexts encoded: pass context_index to pair items with them")
+            out = query.new_empty(len(items))
+            _, eigen = self.factors()
+            half_eigen = (0.5 * eigen.repeat_interleave(self.dim)).contiguous()
+            _score_single_items(
+                items.single.contiguous().numpy(), tables.single_offsets.numpy(), tables.projection.numpy(),
+                tables.scalar.numpy(), query.contiguous().numpy(), state.scalar.contiguous().numpy(),
+                index.contiguous().numpy(), half_eigen.numpy(), out.numpy(),
+            )  # fmt: skip
+            return out
+        return self.score_items_composed(state, items, context_index)
+
+    def score_items_composed(
+        self, state: LowRankContext, items: FeatureBatch, context_index: Tensor | None = None
+    ) -> Tensor:
+        """``score_items`` from torch operations (any device, bags, autograd): the
+        reference the compiled serving path is tested against."""
         item_projection, item_scalar = self._item_terms(items)
         _, eigen = self.factors()
         # Matrix–vector products, not elementwise temporaries over (N, ρk).
@@ -98,7 +122,7 @@ class LowRankInteractionModel(CTRModel):
     # -- per-item terms via precomputed per-feature rows ----------------------------
     def _item_terms(self, items: FeatureBatch) -> tuple[Tensor, Tensor]:
         """(N, ρk) P_I and (N,) s_I."""
-        tables = self.cached(("item_tables", items.fields, items.single_fields), lambda: self._build_tables(items))
+        tables = self._tables(items)
         if items.single_fields:
             rows = items.single + tables.single_offsets
             projection = F.embedding_bag(rows, tables.projection, mode="sum")
@@ -117,6 +141,9 @@ class LowRankInteractionModel(CTRModel):
                 mean_vector = (weights.unsqueeze(-1) * self.embedding.vectors(self.embedding.bag_rows(name, bag))).sum(1)
                 scalar = scalar + 0.5 * d[self.schema.index[name]] * mean_vector.pow(2).sum(-1)
         return projection, scalar
+
+    def _tables(self, items: FeatureBatch) -> _ItemTables:
+        return self.cached(("item_tables", items.fields, items.single_fields), lambda: self._build_tables(items))
 
     def _build_tables(self, items: FeatureBatch) -> _ItemTables:
         factors, eigen = self.factors()
@@ -143,6 +170,39 @@ class LowRankInteractionModel(CTRModel):
             single_offsets=torch.tensor([starts[n] for n in items.single_fields], dtype=torch.int64, device=device),
             bag_offsets=tuple(starts[n] for n in items.bag_fields),
         )
+
+
+def _compiled_dtype(tensor: Tensor) -> bool:
+    return tensor.device.type == "cpu" and tensor.dtype == torch.float32
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _score_single_items(
+    rows, offsets, projection, scalar, query, context_scalar, context_index, half_eigen, out
+):  # pragma: no cover - compiled
+    """out[n] = s_C + s_I + <q, P_I> + ½ Σ e ‖P_I‖² for items of single-valued fields:
+    P_I and s_I are sums of the items' table rows (``score_items_composed``'s terms)."""
+    items, fields = rows.shape
+    width = projection.shape[1]
+    table_rows = projection.shape[0]
+    item_projection = np.empty(width, dtype=np.float32)
+    for n in range(items):
+        item_projection[:] = 0.0
+        item_scalar = np.float32(0.0)
+        for f in range(fields):
+            row = rows[n, f] + offsets[f]
+            if row < 0 or row >= table_rows:
+                raise IndexError("item index out of range")
+            for k in range(width):
+                item_projection[k] += projection[row, k]
+            item_scalar += scalar[row, 0]
+        context = context_index[n]
+        if context < 0 or context >= query.shape[0]:
+            raise IndexError("context row out of range")
+        products = np.float32(0.0)
+        for k in range(width):
+            products += item_projection[k] * (query[context, k] + half_eigen[k] * item_projection[k])
+        out[n] = context_scalar[context] + item_scalar + products
 
 
 # -- the training-time pairwise term on CPU, one compiled pass per direction ---------
