@@ -145,14 +145,14 @@ class Stack:
 
     replica_count: int = REPLICAS
 
+    def serve_up_argv(self, bundle: Path, replicas: int = REPLICAS) -> list[str]:
+        return ["serve", "up", "--bundle", str(bundle), "--catalog", str(self.catalog),
+                "--replicas", str(replicas), "--dashboard-url", self.dashboard_url, "--http-port", str(self.http_port),
+                "--bootstrap-servers", self.kafka.bootstrap_servers, "--max-items", "1000", "--timeout", "300"]
+
     def serve_up(self, version: str, replicas: int = REPLICAS) -> None:
         """Deploy bundle ``version``."""
-        code = cli.main(
-            ["serve", "up", "--bundle", str(self.bundles[version]), "--catalog", str(self.catalog),
-             "--replicas", str(replicas), "--dashboard-url", self.dashboard_url, "--http-port", str(self.http_port),
-             "--bootstrap-servers", self.kafka.bootstrap_servers, "--max-items", "1000", "--timeout", "300"]
-        )
-        assert code == 0
+        assert cli.main(self.serve_up_argv(self.bundles[version], replicas)) == 0
         self.serving = version
         self.replica_count = replicas
 
@@ -523,8 +523,7 @@ def test_a_failed_reload_keeps_the_old_model_reports_it_and_a_good_reload_recove
     (corrupt / "weights.safetensors").write_bytes(b"not safetensors")
     # `serve up` loads the bundle first and refuses it, deploying nothing.
     capsys.readouterr()
-    assert cli.main(["serve", "up", "--bundle", str(corrupt), "--dashboard-url", stack.dashboard_url,
-                     "--replicas", str(REPLICAS + 1)]) == 2
+    assert cli.main(stack.serve_up_argv(corrupt, replicas=REPLICAS + 1)) == 2
     assert capsys.readouterr().err.startswith(
         f"rankstream serve: error: {corrupt} does not load (SafetensorError: "
     )
