@@ -115,20 +115,23 @@ def _hash_insert(table_keys, table_indices, keys, indices, shift):  # pragma: no
         table_indices[slot] = indices[n]
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _probe(table_keys, table_indices, start, mask, value, shift):  # pragma: no cover - compiled
+    """The index of ``value`` in the table at ``start`` (``mask + 1`` slots), or rare."""
+    slot = _home_slot(value, shift)
+    while table_indices[start + slot] != 0:
+        if table_keys[start + slot] == value:
+            return table_indices[start + slot]
+        slot = (slot + 1) & mask
+    return RARE_INDEX
+
+
 @numba.njit(cache=True, nogil=True)
 def _hash_lookup(table_keys, table_indices, values, shift):  # pragma: no cover - compiled
     mask = table_keys.shape[0] - 1
     out = np.empty(values.shape[0], dtype=np.int64)
     for n in range(values.shape[0]):
-        value = values[n]
-        slot = _home_slot(value, shift)
-        found = RARE_INDEX
-        while table_indices[slot] != 0:
-            if table_keys[slot] == value:
-                found = table_indices[slot]
-                break
-            slot = (slot + 1) & mask
-        out[n] = found
+        out[n] = _probe(table_keys, table_indices, 0, mask, values[n], shift)
     return out
 
 
@@ -152,17 +155,9 @@ class _FieldsIndex:
 def _hash_lookup_fields(table_keys, table_indices, starts, shifts, values, out):  # pragma: no cover - compiled
     fields, count = values.shape
     for f in range(fields):
-        start, mask, shift = starts[f], starts[f + 1] - starts[f] - 1, shifts[f]
+        start, mask = starts[f], starts[f + 1] - starts[f] - 1
         for n in range(count):
-            value = np.int64(values[f, n])
-            slot = _home_slot(value, shift)
-            found = RARE_INDEX
-            while table_indices[start + slot] != 0:
-                if table_keys[start + slot] == value:
-                    found = table_indices[start + slot]
-                    break
-                slot = (slot + 1) & mask
-            out[n, f] = found
+            out[n, f] = _probe(table_keys, table_indices, start, mask, np.int64(values[f, n]), shifts[f])
 
 
 class _FieldMapper:
