@@ -53,6 +53,9 @@ class LocalCluster:
 
 CLUSTER_ENV = "RANKSTREAM_RAY_CLUSTER"  # marks every process of one local cluster
 LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a single-machine node on 127.0.0.1
+# Ray's own default (15) lets any other work on the machine — the broker, an ad server,
+# a build — take the CPU of the scorer replicas and training workers.
+WORKER_NICENESS = 0
 
 
 def token_file() -> Path:
@@ -113,7 +116,7 @@ def state_file(temp_dir: str) -> Path:
     return Path(temp_dir) / "rankstream-cluster.json"
 
 
-def cluster_up(num_cpus: int, port: int, dashboard_port: int, temp_dir: str) -> LocalCluster:
+def cluster_up(num_cpus: int, port: int, dashboard_port: int, temp_dir: str, worker_niceness: int = WORKER_NICENESS) -> LocalCluster:
     existing = cluster_status(temp_dir)
     if existing is not None:
         return existing
@@ -126,6 +129,7 @@ def cluster_up(num_cpus: int, port: int, dashboard_port: int, temp_dir: str) -> 
         "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats",
         # Their defaults (52365, 10001) are fixed: a second cluster on the machine would lack them.
         f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
+        f"--system-config={json.dumps({'worker_niceness': worker_niceness})}",
     ]
     environment = {**ray_environment(), CLUSTER_ENV: _marker(temp_dir)}
     result = subprocess.run(command, env=environment, capture_output=True, text=True)
@@ -218,6 +222,7 @@ class ClusterCommand(BaseModel):
     port: int = Field(default=6379, ge=1, le=65535, description="GCS port")
     dashboard_port: int = Field(default=8265, ge=1, le=65535)
     temp_dir: str = Field(default=DEFAULT_TEMP_DIR, description="the Ray head's temp dir")
+    worker_niceness: int = Field(default=WORKER_NICENESS, ge=0, le=19, description="niceness of the head's Ray workers (Ray's default: 15)")
 
 
 FLAGS = FlatCommand("Cluster", ClusterCommand)
@@ -225,7 +230,7 @@ FLAGS = FlatCommand("Cluster", ClusterCommand)
 
 def handle(args: ClusterCommand) -> int:
     if args.cluster_command == "up":
-        cluster = cluster_up(args.num_cpus, args.port, args.dashboard_port, args.temp_dir)
+        cluster = cluster_up(args.num_cpus, args.port, args.dashboard_port, args.temp_dir, args.worker_niceness)
         print(f"Ray head at {cluster.address}")
         print(f"dashboard: {cluster.dashboard_url} (it asks for the token in {token_file()})")
         print(

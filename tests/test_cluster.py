@@ -29,8 +29,9 @@ def test_job_submission_against_a_local_head(tmp_path):
         assert cluster_up(1, 0, 0, temp_dir) == cluster  # a second `up` reports the running head
         marker = tmp_path / "job-ran.txt"
         entrypoint = (
-            "python -c \"import ray, model_zoo.schema, pathlib; ray.init(); "
-            f"pathlib.Path('{marker}').write_text(str(int(ray.cluster_resources()['CPU'])))\""
+            "python -c \"import os, ray, model_zoo.schema, pathlib; ray.init(); "
+            "nice = ray.get(ray.remote(lambda: os.nice(0)).remote()); "
+            f"pathlib.Path('{marker}').write_text(str(int(ray.cluster_resources()['CPU'])) + ' ' + str(nice))\""
         )
         result = subprocess.run(
             [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", cluster.dashboard_url,
@@ -39,7 +40,9 @@ def test_job_submission_against_a_local_head(tmp_path):
         )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert "succeeded" in result.stdout
-        assert marker.read_text() == "1"  # the job ran on this head, with rankstream importable
+        # The job ran on this head, with rankstream importable, and its tasks at the
+        # niceness `up` gives the workers (Ray's default would be 15).
+        assert marker.read_text() == "1 0"
     finally:
         cluster_down(temp_dir)
     assert cluster_status(temp_dir) is None
