@@ -14,6 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
 from model_zoo.analysis import dplr_from_fwfm, field_drop_effect, field_importance, pruned_error_spectrum
 from model_zoo.bundle import load_bundle
 from model_zoo.data.reader import load_split
@@ -21,16 +23,32 @@ from model_zoo.metrics import primary_metric
 from model_zoo.models.dplr_fwfm import DPLRFwFM
 from model_zoo.models.fwfm import FwFM
 from model_zoo.training import evaluate, minibatches
+from rayjobs.options import FlatCommand, command
 
 
-def run_analyze(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+class AnalyzeJob(BaseModel):
+    """`rankstream experiment analyze`: the bundle, its data and the analyses' sizes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bundle: Path = Field(description="a trained fwfm, pruned_fwfm or dplr_fwfm bundle")
+    data: Path = Field(description="the prepared dataset it was trained on (its test split is scored)")
+    out: Path = Field(description="output directory")
+    ranks: list[PositiveInt] = Field(default=[1, 2, 3], min_length=1, description="post-hoc DPLR ranks (FwFM bundles)")
+    drop: int = Field(default=3, ge=0, description="drop up to this many least important fields")
+
+
+FLAGS = FlatCommand("Analyze", AnalyzeJob)
+
+
+def run_analyze(args: AnalyzeJob) -> int:
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     bundle = load_bundle(args.bundle)
     model, test = bundle.model, load_split(args.data, "test")
     batches = lambda: minibatches(test, 65536)  # noqa: E731
     metric, _ = primary_metric(bundle.schema.task)
-    report: dict = {"bundle": str(Path(args.bundle).resolve()), "kind": model.kind, "test": evaluate(model, batches())}
+    report: dict = {"bundle": str(args.bundle.resolve()), "kind": model.kind, "test": evaluate(model, batches())}
     if isinstance(model, FwFM):
         fits = []
         for rank in args.ranks:
@@ -96,15 +114,6 @@ def plot_importance(importance: list[tuple[str, float]], drops: list[dict], metr
     plt.close(figure)
 
 
-def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--bundle", required=True, help="a trained fwfm, pruned_fwfm or dplr_fwfm bundle")
-    parser.add_argument("--data", required=True, help="the prepared dataset it was trained on (its test split is scored)")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3], help="post-hoc DPLR ranks (FwFM bundles)")
-    parser.add_argument("--drop", type=int, default=3, help="drop up to this many least important fields")
-    parser.set_defaults(func=run_analyze)
-    return parser
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
-    build_parser(subparsers.add_parser("analyze", help="post-hoc DPLR fit and field importance of a trained bundle"))
+    parser = subparsers.add_parser("analyze", help="post-hoc DPLR fit and field importance of a trained bundle")
+    command(parser, FLAGS, run_analyze)

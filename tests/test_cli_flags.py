@@ -10,21 +10,22 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rayjobs import broker, cluster, demo, produce, serve
+from rayjobs import analyze, broker, cluster, demo, produce, serve
 from rayjobs.cli import build_parser, main
 from serve_app.config import ModelConfig, ScorerArgs
 from streaming.kafka_config import TopicNames
 from streaming.protocol import ProtocolLimits
 
 REPO = Path(__file__).resolve().parents[1]
-# (command words, the flags a run needs, the command's FlatCommand)
+# (the words that choose the command's parser, the arguments a run needs, its FlatCommand)
 COMMANDS = [
-    (["serve", "status"], [], serve.FLAGS),
-    (["broker", "status"], [], broker.FLAGS),
-    (["cluster", "status"], [], cluster.FLAGS),
+    (["serve"], ["status"], serve.FLAGS),
+    (["broker"], ["status"], broker.FLAGS),
+    (["cluster"], ["status"], cluster.FLAGS),
     (["produce"], [], produce.FLAGS),
     (["demo"], [], demo.FLAGS),
     (["down"], [], demo.DOWN_FLAGS),
+    (["experiment", "analyze"], ["--bundle", "b", "--data", "d", "--out", "o"], analyze.FLAGS),
 ]
 
 
@@ -43,7 +44,37 @@ def test_an_unknown_flag_is_an_error(words, needed, flags, capsys):
 @pytest.mark.parametrize(("words", "needed", "flags"), COMMANDS, ids=[" ".join(c[0]) for c in COMMANDS])
 def test_the_defaults_round_trip(words, needed, flags):
     config = parse(words, flags, *needed)
-    assert parse(words[:1], flags, *flags.argv(config)) == config
+    assert parse(words, flags, *flags.argv(config)) == config
+
+
+# (command words, flags, the typed configuration they give): each setting reaches its option
+TYPED = [
+    (["experiment", "analyze"], ["--bundle", "b", "--data", "d", "--out", "o", "--ranks", "2", "4", "--drop", "0"],
+     analyze.AnalyzeJob(bundle=Path("b"), data=Path("d"), out=Path("o"), ranks=[2, 4], drop=0)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("words", "argv", "expected"), TYPED, ids=[" ".join(c[0]) for c in TYPED])
+def test_flags_give_the_typed_configuration(words, argv, expected):
+    flags = next(f for w, _, f in COMMANDS if w == words)
+    config = parse(words, flags, *argv)
+    assert config == expected
+    assert parse(words, flags, *flags.argv(config)) == config
+
+
+# (command words, flags, the error): a constraint's violation names the flag
+INVALID = [
+    (["experiment", "analyze"], ["--bundle", "b", "--data", "d", "--out", "o", "--ranks", "1", "0"],
+     "--ranks: Input should be greater than 0"),
+    (["experiment", "analyze"], ["--bundle", "b", "--data", "d", "--out", "o", "--drop", "-1"],
+     "--drop: Input should be greater than or equal to 0"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("words", "argv", "error"), INVALID, ids=[f"{' '.join(c[0])} {c[2].split(':')[0]}" for c in INVALID])
+def test_a_violated_constraint_names_its_flag(words, argv, error, capsys):
+    assert main([*words, *argv]) == 2
+    assert f"error: {error}" in capsys.readouterr().err
 
 
 def test_serve_flags_are_the_scorer_args():
