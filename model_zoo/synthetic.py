@@ -24,22 +24,22 @@ Structure = Literal["dplr", "sparse", "dense"]
 
 
 class PlantedConfig(BaseModel):
-    context_fields: int = Field(default=6, ge=1)
-    item_fields: int = Field(default=6, ge=1)
+    context_fields: int = Field(default=6, ge=1, description="fields of the request (user, page)")
+    item_fields: int = Field(default=6, ge=1, description="fields of each candidate item")
     multi_fields: int = Field(default=0, ge=0, description="how many item fields are multi-valued")
-    max_bag: int = Field(default=3, ge=1)
-    vocab_size: int = Field(default=200, ge=RESERVED_INDICES + 1)
-    zipf_exponent: float = Field(default=1.05, gt=0)
-    dim: int = Field(default=8, ge=1)
-    structure: Structure = "dplr"
-    rank: int = Field(default=2, ge=1)
-    sparse_pairs: int | None = None  # default: number of fields
-    interaction_scale: float = 1.5
-    linear_scale: float = 0.5
-    bias: float = -1.0
-    task: Task = Task.binary
-    noise: float = 0.3  # rating noise std (regression only)
-    seed: int = 0
+    max_bag: int = Field(default=3, ge=1, description="most values in one multi-valued field")
+    vocab_size: int = Field(default=200, ge=RESERVED_INDICES + 1, description="indices per field, the 2 reserved ones included")
+    zipf_exponent: float = Field(default=1.05, gt=0, description="of the field values' distribution")
+    dim: int = Field(default=8, ge=1, description="embedding size k of the planted model")
+    structure: Structure = Field(default="dplr", description="the planted interaction matrix R")
+    rank: int = Field(default=2, ge=1, description="rank of R (dplr structure)")
+    sparse_pairs: int | None = Field(default=None, ge=1, description="strong pairs (sparse structure; default: the number of fields)")
+    interaction_scale: float = Field(default=1.5, ge=0, description="standard deviation of the pairwise term")
+    linear_scale: float = Field(default=0.5, ge=0, description="standard deviation of the linear weights")
+    bias: float = Field(default=-1.0, description="the planted model's constant term")
+    task: Task = Field(default=Task.binary, description="binary: clicks; regression: ratings")
+    noise: float = Field(default=0.3, ge=0, description="rating noise std (regression only)")
+    seed: int = Field(default=0, description="of the planted model, its rows and their splits")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rayjobs import analyze, broker, cluster, demo, produce, serve
+from model_zoo.schema import Task
+from model_zoo.synthetic import PlantedConfig
+from rayjobs import analyze, broker, cluster, demo, produce, serve, synth
 from rayjobs.cli import build_parser, main
 from serve_app.config import ModelConfig, ScorerArgs
 from streaming.kafka_config import TopicNames
@@ -26,6 +28,7 @@ COMMANDS = [
     (["demo"], [], demo.FLAGS),
     (["down"], [], demo.DOWN_FLAGS),
     (["experiment", "analyze"], ["--bundle", "b", "--data", "d", "--out", "o"], analyze.FLAGS),
+    (["synth"], ["--rows", "10", "--out", "o"], synth.FLAGS),
 ]
 
 
@@ -51,6 +54,12 @@ def test_the_defaults_round_trip(words, needed, flags):
 TYPED = [
     (["experiment", "analyze"], ["--bundle", "b", "--data", "d", "--out", "o", "--ranks", "2", "4", "--drop", "0"],
      analyze.AnalyzeJob(bundle=Path("b"), data=Path("d"), out=Path("o"), ranks=[2, 4], drop=0)),
+    (["synth"], ["--rows", "50", "--out", "o", "--split", "0.6,0.2,0.2", "--no-progress", "--overwrite",
+                 "--structure", "sparse", "--sparse-pairs", "4", "--item-fields", "3", "--multi-fields", "2",
+                 "--task", "regression", "--noise", "0.5", "--seed", "7"],
+     synth.SynthJob(rows=50, out=Path("o"), split=(0.6, 0.2, 0.2), progress=False, overwrite=True,
+                    planted=PlantedConfig(structure="sparse", sparse_pairs=4, item_fields=3, multi_fields=2,
+                                          task=Task.regression, noise=0.5, seed=7))),
 ]  # fmt: skip
 
 
@@ -68,6 +77,9 @@ INVALID = [
      "--ranks: Input should be greater than 0"),
     (["experiment", "analyze"], ["--bundle", "b", "--data", "d", "--out", "o", "--drop", "-1"],
      "--drop: Input should be greater than or equal to 0"),
+    (["synth"], ["--rows", "0", "--out", "o"], "--rows: Input should be greater than or equal to 1"),
+    (["synth"], ["--rows", "9", "--out", "o", "--vocab-size", "2"], "--vocab-size: Input should be greater than or equal to 3"),
+    (["synth"], ["--rows", "9", "--out", "o", "--structure", "low"], "--structure: Input should be 'dplr', 'sparse' or 'dense'"),
 ]  # fmt: skip
 
 

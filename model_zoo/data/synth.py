@@ -33,13 +33,13 @@ AUC_LOGIT_RANGE = 30.0  # logits beyond ±30 share the end bins; their order is 
 
 class SynthConfig(BaseModel):
     planted: PlantedConfig = Field(default_factory=PlantedConfig)
-    rows: int = Field(ge=1)
-    split: tuple[float, float, float] = DEFAULT_FRACTIONS
+    rows: int = Field(ge=1, description="rows over all splits")
+    split: tuple[float, float, float] = Field(default=DEFAULT_FRACTIONS, description="train,valid,test fractions")
     chunk_rows: int = Field(default=1 << 18, ge=1)
     row_group_rows: int = Field(default=DEFAULT_ROW_GROUP_ROWS, ge=1)
     file_rows: int = Field(default=DEFAULT_FILE_ROWS, ge=1)
-    overwrite: bool = False
-    progress: bool | None = None
+    overwrite: bool = Field(default=False, description="replace a dataset already in the output directory")
+    progress: bool | None = Field(default=None, description="a progress bar (unset: only on a terminal)")
 
     @field_validator("split")
     @classmethod
