@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model_zoo.data.avazu import AvazuSource
 from model_zoo.data.criteo import CriteoSource
@@ -13,44 +16,50 @@ from model_zoo.data.csv_stream import check_inputs, read_header
 from model_zoo.data.movielens import MovieLensSource
 from model_zoo.data.prepare import PrepareConfig, prepare_dataset
 from model_zoo.data.source import RawSource
-from model_zoo.data.splits import DEFAULT_FRACTIONS, parse_fractions
 from model_zoo.schema import Task
-
-DATASETS = ("criteo", "avazu", "movielens1m", "csv")
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("prepare", help="raw data -> parquet splits + schema + vocabulary")
-    parser.add_argument("--dataset", choices=DATASETS, required=True)
-    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                        help="input files (movielens1m: its directory or its three .dat files)")
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--min-count", type=int, default=10, help="rarer training values map to the rare index")
-    parser.add_argument("--split", type=parse_fractions, default=DEFAULT_FRACTIONS, help="train,valid,test fractions")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--context-fields", nargs="+", metavar="FIELD",
-                        help="override the default context fields (commas or spaces); every other field is an item field")
-    parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
-    parser.add_argument("--no-progress", action="store_true")
-    csv = parser.add_argument_group("csv", "for --dataset csv: a YAML config, or flags for a file with a header")
-    csv.add_argument("--config", type=Path, help="YAML column config (see docs/data.md)")
-    csv.add_argument("--label", help="label column")
-    csv.add_argument("--task", choices=[t.value for t in Task], default=Task.binary.value)
-    csv.add_argument("--item-fields", nargs="+", metavar="FIELD", help="default: every other column")
-    csv.add_argument("--multi-fields", nargs="+", metavar="FIELD", default=[], help="multi-valued columns")
-    csv.add_argument("--multi-separator", default="|")
-    csv.add_argument("--log-square-fields", nargs="+", metavar="FIELD", default=[],
-                     help="integer columns binned as floor(ln(x)^2)")
-    csv.add_argument("--delimiter", default=",")
-    parser.set_defaults(func=run_prepare)
+from rayjobs.options import FlatCommand, command
 
 
-def names(values: list[str] | None) -> list[str]:
-    """Field names given with spaces, commas or both."""
-    return [name for value in values or [] for name in value.split(",") if name]
+class CsvFlags(BaseModel):
+    """For ``--dataset csv``: a YAML config, or flags for a file with a header."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: Path | None = Field(default=None, description="csv: YAML column config (see docs/data.md)")
+    label: str | None = Field(default=None, description="csv: label column")
+    task: Task = Field(default=Task.binary, description="csv: binary (clicks) or regression (ratings)")
+    item_fields: list[str] = Field(default=[], description="csv: item columns (none given: every other column)")
+    multi_fields: list[str] = Field(default=[], description="csv: multi-valued columns")
+    multi_separator: str = Field(default="|", min_length=1, description="csv: between the values of a multi-valued column")
+    log_square_fields: list[str] = Field(default=[], description="csv: integer columns binned as floor(ln(x)^2)")
+    delimiter: str = Field(default=",", min_length=1, max_length=1, description="csv: between columns")
 
 
-def build_source(args: argparse.Namespace) -> RawSource:
+class PrepareJob(PrepareConfig):
+    """`rankstream prepare`: the raw data, where the dataset goes and how it is split."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: Literal["criteo", "avazu", "movielens1m", "csv"] = Field(description="the raw data's format")
+    input: list[Path] = Field(min_length=1, description="input files (movielens1m: its directory or its three .dat files)")
+    out: Path = Field(description="output directory")
+    context_fields: list[str] | None = Field(
+        default=None, description="override the default context fields (commas or spaces); every other field is an item field"
+    )
+    csv: CsvFlags = CsvFlags()
+
+    @model_validator(mode="after")
+    def _csv_columns(self) -> "PrepareJob":
+        if self.dataset == "csv" and self.csv.config is None and not self.csv.label:
+            raise ValueError("--dataset csv needs --config or --label and --context-fields")
+        return self
+
+
+# The write sizes (row group, file) are the writer's, not the dataset's.
+FLAGS = FlatCommand("Prepare", PrepareJob, sections={"csv": CsvFlags}, exclude=("row_group_rows", "file_rows"))
+
+
+def build_source(args: PrepareJob) -> RawSource:
     if args.dataset == "criteo":
         source: RawSource = CriteoSource(args.input)
     elif args.dataset == "avazu":
@@ -60,39 +69,30 @@ def build_source(args: argparse.Namespace) -> RawSource:
     else:
         source = CsvSource(args.input, csv_config(args))
     if args.context_fields:
-        source.set_context_fields(names(args.context_fields))
+        source.set_context_fields(args.context_fields)
     return source
 
 
-def csv_config(args: argparse.Namespace) -> CsvConfig:
-    if args.config is not None:
-        return CsvConfig.from_yaml(args.config)
-    if not args.label:
-        raise ValueError("--dataset csv needs --config or --label and --context-fields")
+def csv_config(args: PrepareJob) -> CsvConfig:
+    csv = args.csv
+    if csv.config is not None:
+        return CsvConfig.from_yaml(csv.config)
     first = check_inputs(args.input)[0]
     return config_from_flags(
-        header=read_header(first, args.delimiter),
-        label=args.label,
-        context_fields=names(args.context_fields),
-        item_fields=names(args.item_fields),
-        multi_fields=names(args.multi_fields),
-        multi_separator=args.multi_separator,
-        log_square_fields=names(args.log_square_fields),
-        delimiter=args.delimiter,
-        task=Task(args.task),
+        header=read_header(first, csv.delimiter),
+        label=csv.label,
+        context_fields=args.context_fields or [],
+        item_fields=csv.item_fields,
+        multi_fields=csv.multi_fields,
+        multi_separator=csv.multi_separator,
+        log_square_fields=csv.log_square_fields,
+        delimiter=csv.delimiter,
+        task=csv.task,
     )
 
 
-def run_prepare(args: argparse.Namespace) -> int:
-    source = build_source(args)
-    config = PrepareConfig(
-        min_count=args.min_count,
-        split=args.split,
-        seed=args.seed,
-        overwrite=args.overwrite,
-        progress=False if args.no_progress else None,
-    )
-    stats = prepare_dataset(source, args.out, config)
+def run_prepare(args: PrepareJob) -> int:
+    stats = prepare_dataset(build_source(args), args.out, args)
     print_summary(args.out, stats)
     return 0
 
@@ -109,6 +109,11 @@ def print_summary(out: Path, stats: dict) -> None:
     malformed = stats["malformed"]
     print(f"  malformed rows skipped: {malformed['total']:,}"
           + (f" {malformed['by_reason']}" if malformed["total"] else ""))
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("prepare", help="raw data -> parquet splits + schema + vocabulary")
+    command(parser, FLAGS, run_prepare)
 
 
 if __name__ == "__main__":

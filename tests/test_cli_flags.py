@@ -12,7 +12,7 @@ import yaml
 
 from model_zoo.schema import Task
 from model_zoo.synthetic import PlantedConfig
-from rayjobs import analyze, broker, cluster, demo, produce, serve, synth
+from rayjobs import analyze, broker, cluster, demo, prepare, produce, serve, synth
 from rayjobs.cli import build_parser, main
 from serve_app.config import ModelConfig, ScorerArgs
 from streaming.kafka_config import TopicNames
@@ -29,6 +29,7 @@ COMMANDS = [
     (["down"], [], demo.DOWN_FLAGS),
     (["experiment", "analyze"], ["--bundle", "b", "--data", "d", "--out", "o"], analyze.FLAGS),
     (["synth"], ["--rows", "10", "--out", "o"], synth.FLAGS),
+    (["prepare"], ["--dataset", "criteo", "--input", "a", "--out", "o"], prepare.FLAGS),
 ]
 
 
@@ -60,6 +61,13 @@ TYPED = [
      synth.SynthJob(rows=50, out=Path("o"), split=(0.6, 0.2, 0.2), progress=False, overwrite=True,
                     planted=PlantedConfig(structure="sparse", sparse_pairs=4, item_fields=3, multi_fields=2,
                                           task=Task.regression, noise=0.5, seed=7))),
+    (["prepare"], ["--dataset", "csv", "--input", "a.csv", "b.csv", "--out", "o", "--min-count", "2", "--seed", "3",
+                   "--split", "0.7,0.2,0.1", "--context-fields", "user,country", "ad", "--label", "y", "--task", "regression",
+                   "--multi-fields", "tags", "--multi-separator", ";", "--log-square-fields", "price", "--delimiter", "\t"],
+     prepare.PrepareJob(dataset="csv", input=[Path("a.csv"), Path("b.csv")], out=Path("o"), min_count=2, seed=3,
+                        split=(0.7, 0.2, 0.1), context_fields=["user", "country", "ad"],
+                        csv=prepare.CsvFlags(label="y", task=Task.regression, multi_fields=["tags"], multi_separator=";",
+                                             log_square_fields=["price"], delimiter="\t"))),
 ]  # fmt: skip
 
 
@@ -80,6 +88,12 @@ INVALID = [
     (["synth"], ["--rows", "0", "--out", "o"], "--rows: Input should be greater than or equal to 1"),
     (["synth"], ["--rows", "9", "--out", "o", "--vocab-size", "2"], "--vocab-size: Input should be greater than or equal to 3"),
     (["synth"], ["--rows", "9", "--out", "o", "--structure", "low"], "--structure: Input should be 'dplr', 'sparse' or 'dense'"),
+    (["prepare"], ["--dataset", "criteo", "--input", "a", "--out", "o", "--min-count", "0"],
+     "--min-count: Input should be greater than or equal to 1"),
+    (["prepare"], ["--dataset", "criteo", "--input", "a", "--out", "o", "--split", "0.8,x,0.1"], "--split: Input should be a valid number"),
+    (["prepare"], ["--dataset", "csv", "--input", "a", "--out", "o", "--delimiter", ";;"],
+     "--delimiter: String should have at most 1 character"),
+    (["prepare"], ["--dataset", "tsv", "--input", "a", "--out", "o"], "--dataset: Input should be 'criteo', 'avazu', 'movielens1m' or 'csv'"),
 ]  # fmt: skip
 
 

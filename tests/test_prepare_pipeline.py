@@ -17,7 +17,7 @@ from model_zoo.data.layout import SPLITS, split_files
 from model_zoo.data.movielens import MovieLensSource
 from model_zoo.data.prepare import PrepareConfig, prepare_dataset
 from model_zoo.data.reader import load_split
-from model_zoo.data.splits import SplitAssigner, parse_fractions
+from model_zoo.data.splits import SplitAssigner
 from model_zoo.schema import MISSING_INDEX, RARE_INDEX, FeatureSchema, Kind
 from model_zoo.vocab import Vocabulary
 from rayjobs.cli import main
@@ -125,10 +125,10 @@ def test_split_proportions_and_seeds():
     assert not np.array_equal(splits, SplitAssigner((0.8, 0.1, 0.1), 4).assign(ids))
     # A row's split depends on its number only, never on the chunk it arrives in.
     assert np.array_equal(splits[1000:1010], SplitAssigner((0.8, 0.1, 0.1), 3).assign(ids[1000:1010]))
-    assert parse_fractions("0.7,0.2,0.1") == (0.7, 0.2, 0.1)
-    for bad in ("0.8,0.1", "0.5,0.5,0.5", "a,b,c", "0,0.5,0.5"):
+    assert PrepareConfig(split=[0.7, 0.2, 0.1]).split == (0.7, 0.2, 0.1)
+    for bad in ([0.8, 0.1], [0.5, 0.5, 0.5], ["a", "b", "c"], [0, 0.5, 0.5]):
         with pytest.raises(ValueError):
-            parse_fractions(bad)
+            PrepareConfig(split=bad)
 
 
 def test_same_seed_same_files_other_seed_other_split(tmp_path):
@@ -203,6 +203,24 @@ def test_cli_prepare_writes_and_summarises(tmp_path, capsys):
     assert schema.context_fields == ("I1", "C1", "C2")
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["rows"]["train"] / ROWS == pytest.approx(0.6, abs=0.04) and stats["seed"] == 5
+
+
+def test_cli_prepare_csv_from_flags(tmp_path, capsys):
+    lines = ["clicked,user,country,ad,topics,price"] + [
+        f"{i % 2},u{i % 7},c{i % 3},a{i % 5},t{i % 4}|t{i % 6},{10 + i}" for i in range(400)
+    ]
+    (tmp_path / "log.csv").write_text("\n".join(lines) + "\n")
+    code = main([
+        "prepare", "--dataset", "csv", "--input", str(tmp_path / "log.csv"), "--out", str(tmp_path / "out"),
+        "--label", "clicked", "--context-fields", "user,country", "--multi-fields", "topics",
+        "--log-square-fields", "price", "--min-count", "1", "--no-progress",
+    ])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    schema = FeatureSchema.load(tmp_path / "out" / "schema.json")
+    assert schema.context_fields == ("user", "country") and schema.item_fields == ("ad", "topics", "price")
+    assert schema.field("topics").kind == Kind.multi
+    vocabulary = json.loads((tmp_path / "out" / "vocab" / "price.json").read_text())
+    assert vocabulary["transform"] == "log_square"
 
 
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, capsys):

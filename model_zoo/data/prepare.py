@@ -24,13 +24,13 @@ from model_zoo.vocab import Vocabulary
 
 
 class PrepareConfig(BaseModel):
-    min_count: int = Field(default=10, ge=1)
-    split: tuple[float, float, float] = DEFAULT_FRACTIONS
-    seed: int = Field(default=0, ge=0)
+    min_count: int = Field(default=10, ge=1, description="rarer training values map to the rare index")
+    split: tuple[float, float, float] = Field(default=DEFAULT_FRACTIONS, description="train,valid,test fractions")
+    seed: int = Field(default=0, ge=0, description="of the split")
     row_group_rows: int = Field(default=DEFAULT_ROW_GROUP_ROWS, ge=1)
     file_rows: int = Field(default=DEFAULT_FILE_ROWS, ge=1)
-    overwrite: bool = False
-    progress: bool | None = None  # None: a bar only on a terminal
+    overwrite: bool = Field(default=False, description="replace a dataset already in the output directory")
+    progress: bool | None = Field(default=None, description="a progress bar (unset: only on a terminal)")
 
     @field_validator("split")
     @classmethod

@@ -13,15 +13,6 @@ from model_zoo.data.layout import SPLITS
 DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 
 
-def parse_fractions(text: str) -> tuple[float, float, float]:
-    """"0.8,0.1,0.1" -> (0.8, 0.1, 0.1); three non-negative numbers summing to 1."""
-    try:
-        fractions = tuple(float(part) for part in text.split(","))
-    except ValueError:
-        raise ValueError(f"--split needs three numbers like 0.8,0.1,0.1, got {text!r}") from None
-    return check_fractions(fractions)
-
-
 def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     if len(fractions) != len(SPLITS) or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {list(fractions)}")
