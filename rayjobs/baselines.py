@@ -21,16 +21,18 @@ import time
 from collections.abc import Callable
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import scipy.sparse as sp
 import torch
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from model_zoo.batch import FeatureBatch
 from model_zoo.metrics import constant_baseline, primary_metric, task_metrics
 from model_zoo.schema import FeatureSchema, Role, Task
 from model_zoo.training import TrainConfig, evaluate, fit_in_memory, minibatches, uses_sparse_gradients
+from rayjobs.options import FlatCommand, command
 from rayjobs.tune import Splits, TunableKind, architectures, build_trial_model, load_splits, parameter_count
 
 EXTRAS_HINT = "pip install 'rankstream[baselines]'  (myfm, scikit-surprise)"
@@ -212,9 +214,32 @@ def missing_extras() -> list[str]:
     return [name for name, module in (("myfm", "myfm"), ("scikit-surprise", "surprise")) if find_spec(module) is None]
 
 
-def run_baselines(args: argparse.Namespace) -> int:
+class BaselinesJob(BaseModel):
+    """`rankstream experiment baselines`: the dataset, the peers' settings and rankstream's models."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: Path = Field(description="a prepared dataset (rankstream prepare / synth)")
+    out: Path = Field(description="output directory")
+    dim: int = Field(default=8, ge=1, description="embedding size of rankstream's models")
+    kinds: list[TunableKind] = Field(default=list(get_args(TunableKind)), min_length=1, description="rankstream models to train")
+    ranks: list[PositiveInt] = Field(default=[1, 2, 3], min_length=1, description="DPLR ranks and tensorFM's CP ranks")
+    myfm_rank: int = Field(default=8, ge=1, description="myfm's factor size")
+    myfm_iterations: int = Field(default=200, ge=1, description="MCMC iterations")
+    surprise: list[Literal[SURPRISE_MODELS]] = Field(  # type: ignore[valid-type]
+        default=list(SURPRISE_MODELS), min_length=1, description="scikit-surprise models for rating data (SVD++ takes ~20 min on the MovieLens sample)"
+    )
+    user_field: str | None = Field(default=None, description="surprise's user column (unset: the first context field)")
+    item_field: str | None = Field(default=None, description="surprise's item column (unset: the first item field)")
+    seed: int = Field(default=0, description="of every model's training")
+
+
+FLAGS = FlatCommand("Baselines", BaselinesJob)
+
+
+def run_baselines(args: BaselinesJob) -> int:
     started = time.perf_counter()
-    out = Path(args.out)
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     splits = load_splits(args.data)
     schema, task = splits.schema, splits.schema.task
@@ -241,7 +266,7 @@ def run_baselines(args: argparse.Namespace) -> int:
             print(f"{result['model']} ({result['library']}): test {result['test']}", flush=True)
     table = markdown(rows, task)
     report = {
-        "data": str(Path(args.data).resolve()), "task": task.value, "num_fields": schema.num_fields,
+        "data": str(args.data.resolve()), "task": task.value, "num_fields": schema.num_fields,
         "rows_per_split": {"train": len(splits.train), "valid": len(splits.valid), "test": len(splits.test)},
         "rankstream_recipe": config.model_dump(), "missing_extras": missing, "rows": rows,
         "seconds": time.perf_counter() - started,
@@ -253,25 +278,9 @@ def run_baselines(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--data", required=True, help="a prepared dataset (rankstream prepare / synth)")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--dim", type=int, default=8, help="embedding size of rankstream's models")
-    parser.add_argument("--kinds", nargs="+", choices=get_args(TunableKind), default=list(get_args(TunableKind)), help="rankstream models to train")
-    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3], help="DPLR ranks and tensorFM's CP ranks")
-    parser.add_argument("--myfm-rank", type=int, default=8)
-    parser.add_argument("--myfm-iterations", type=int, default=200, help="MCMC iterations")
-    parser.add_argument("--surprise", nargs="+", choices=SURPRISE_MODELS, default=list(SURPRISE_MODELS),
-                        help="scikit-surprise models for rating data (SVD++ takes ~20 min on the MovieLens sample)")
-    parser.add_argument("--user-field", help="surprise's user column (default: the first context field)")
-    parser.add_argument("--item-field", help="surprise's item column (default: the first item field)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(func=run_baselines)
-    return parser
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
-    build_parser(subparsers.add_parser("baselines", help="peer libraries beside rankstream's models on the same split"))
+    parser = subparsers.add_parser("baselines", help="peer libraries beside rankstream's models on the same split")
+    command(parser, FLAGS, run_baselines)
 
 
 if __name__ == "__main__":

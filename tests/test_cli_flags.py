@@ -12,7 +12,7 @@ import yaml
 
 from model_zoo.schema import Task
 from model_zoo.synthetic import PlantedConfig
-from rayjobs import analyze, broker, cluster, demo, prepare, produce, serve, synth
+from rayjobs import analyze, baselines, broker, cluster, demo, prepare, produce, serve, synth
 from rayjobs.cli import build_parser, main
 from serve_app.config import ModelConfig, ScorerArgs
 from streaming.kafka_config import TopicNames
@@ -30,6 +30,7 @@ COMMANDS = [
     (["experiment", "analyze"], ["--bundle", "b", "--data", "d", "--out", "o"], analyze.FLAGS),
     (["synth"], ["--rows", "10", "--out", "o"], synth.FLAGS),
     (["prepare"], ["--dataset", "criteo", "--input", "a", "--out", "o"], prepare.FLAGS),
+    (["experiment", "baselines"], ["--data", "d", "--out", "o"], baselines.FLAGS),
 ]
 
 
@@ -68,6 +69,11 @@ TYPED = [
                         split=(0.7, 0.2, 0.1), context_fields=["user", "country", "ad"],
                         csv=prepare.CsvFlags(label="y", task=Task.regression, multi_fields=["tags"], multi_separator=";",
                                              log_square_fields=["price"], delimiter="\t"))),
+    (["experiment", "baselines"], ["--data", "d", "--out", "o", "--dim", "4", "--kinds", "fm", "tensorfm", "--ranks", "2",
+                                   "--myfm-rank", "3", "--myfm-iterations", "9", "--surprise", "SVD", "--user-field", "u",
+                                   "--item-field", "i", "--seed", "5"],
+     baselines.BaselinesJob(data=Path("d"), out=Path("o"), dim=4, kinds=["fm", "tensorfm"], ranks=[2], myfm_rank=3,
+                            myfm_iterations=9, surprise=["SVD"], user_field="u", item_field="i", seed=5)),
 ]  # fmt: skip
 
 
@@ -94,6 +100,11 @@ INVALID = [
     (["prepare"], ["--dataset", "csv", "--input", "a", "--out", "o", "--delimiter", ";;"],
      "--delimiter: String should have at most 1 character"),
     (["prepare"], ["--dataset", "tsv", "--input", "a", "--out", "o"], "--dataset: Input should be 'criteo', 'avazu', 'movielens1m' or 'csv'"),
+    (["experiment", "baselines"], ["--data", "d", "--out", "o", "--kinds", "pruned_fwfm"],
+     "--kinds: Input should be 'fm', 'fwfm', 'dplr_fwfm' or 'tensorfm'"),
+    (["experiment", "baselines"], ["--data", "d", "--out", "o", "--myfm-iterations", "0"],
+     "--myfm-iterations: Input should be greater than or equal to 1"),
+    (["experiment", "baselines"], ["--data", "d", "--out", "o", "--surprise", "KNN"], "--surprise: Input should be 'BaselineOnly', 'SVD' or 'SVD++'"),
 ]  # fmt: skip
 
 
