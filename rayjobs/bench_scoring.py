@@ -15,10 +15,11 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
 from tqdm import tqdm
 
 from model_zoo.batch import FeatureBatch
@@ -29,6 +30,7 @@ from model_zoo.registry import build_model
 from model_zoo.runtime import retain_freed_memory
 from model_zoo.schema import FeatureSchema, FieldSpec, Role
 from rayjobs.bench import write_results
+from rayjobs.options import FlatCommand, OrderSet, command, order_sets
 
 MODELS = ("dplr_fwfm", "dplr_catalog", "tensorfm", "tensorfm_catalog", "pruned_fwfm", "fwfm", "fm")
 RANKED = {"dplr_fwfm", "dplr_catalog", "tensorfm", "tensorfm_catalog", "pruned_fwfm"}
@@ -123,7 +125,39 @@ def bench_configuration(
     )
 
 
-def run_grid(args: argparse.Namespace) -> list[ScoringRecord]:
+class BenchScoringJob(BaseModel):
+    """`rankstream bench scoring`: the grid (items × context fields × models) and its timing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_path: Path = Field(default=Path("bench-results/scoring.json"), description="output JSON (the plot goes beside it)")
+    items: list[PositiveInt] = Field(default=[5000, 10000], min_length=1, description="items per auction")
+    context_fields: list[PositiveInt] = Field(default=[10, 15, 20, 25, 30], min_length=1, description="of the --fields")
+    ranks: list[PositiveInt] = Field(default=[1, 2, 3], min_length=1, description="DPLR ranks, pruned FwFM's matched ranks, tensorFM's CP ranks")
+    tensorfm_orders: list[OrderSet] = Field(
+        default=["2", "2+3"], min_length=1, description="tensorFM interaction-order sets, orders joined by + (each at every --ranks rank)"
+    )
+    models: list[Literal[MODELS]] = Field(  # type: ignore[valid-type]
+        default=list(MODELS), min_length=1, description="the models timed (a _catalog one: items precomputed at load time)"
+    )
+    fields: int = Field(default=40, ge=2, description="context and item fields in all")
+    dim: int = Field(default=16, ge=1, description="embedding size k")
+    vocab_size: int = Field(default=1000, ge=1, description="values per field (the item gather is memory-bound: it matters)")
+    warmup: NonNegativeInt = Field(default=5, description="untimed auctions per configuration")
+    repeats: PositiveInt = Field(default=30, description="timed auctions per configuration")
+    seed: int = Field(default=0, description="of the models' weights and the feature rows")
+
+    @model_validator(mode="after")
+    def _items_have_fields(self) -> "BenchScoringJob":
+        if max(self.context_fields) >= self.fields:
+            raise ValueError("every --context-fields must be below --fields (the rest are the item fields)")
+        return self
+
+
+FLAGS = FlatCommand("BenchScoring", BenchScoringJob, shortcuts={"json-path": "json"})
+
+
+def run_grid(args: BenchScoringJob) -> list[ScoringRecord]:
     torch.set_num_threads(1)  # the paper's setting: one core per scoring thread
     retain_freed_memory()  # as a serving process would: no page faults on per-auction temporaries
     # Grid point by grid point, every model at a point back to back: the ratios compare
@@ -134,7 +168,7 @@ def run_grid(args: argparse.Namespace) -> list[ScoringRecord]:
         for context in args.context_fields
         for kind in args.models
         for rank in (args.ranks if kind in RANKED else [None])
-        for orders in (args.tensorfm_orders if kind in ORDERED else [None])
+        for orders in (order_sets(args.tensorfm_orders) if kind in ORDERED else [None])
     ]
     records = []
     for kind, items, context, rank, orders in tqdm(configurations, desc="scoring grid", unit="config"):
@@ -184,10 +218,7 @@ def plot(records: list[ScoringRecord], path: Path) -> None:
     plt.close(figure)
 
 
-def handle(args: argparse.Namespace) -> int:
-    unknown = sorted(set(args.models) - set(MODELS))
-    if unknown:
-        raise ValueError(f"unknown models {unknown}; choose from {list(MODELS)}")
+def handle(args: BenchScoringJob) -> int:
     records = run_grid(args)
     for r in records:
         print(
@@ -196,7 +227,7 @@ def handle(args: argparse.Namespace) -> int:
         )
     for line in speed_ratios(records):
         print(line)
-    write_results(args.json, json.dumps([r.model_dump() for r in records], indent=2) + "\n", lambda path: plot(records, path))
+    write_results(args.json_path, json.dumps([r.model_dump() for r in records], indent=2) + "\n", lambda path: plot(records, path))
     return 0
 
 
@@ -225,19 +256,4 @@ def speed_ratios(records: list[ScoringRecord]) -> list[str]:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("scoring", help="per-auction scoring latency grid (the paper's Figure 1)")
-    parser.add_argument("--json", default="bench-results/scoring.json", help="output JSON (the plot goes beside it)")
-    parser.add_argument("--items", type=int, nargs="+", default=[5000, 10000])
-    parser.add_argument("--context-fields", type=int, nargs="+", default=[10, 15, 20, 25, 30])
-    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument(
-        "--tensorfm-orders", type=lambda text: [int(d) for d in text.split(",")], nargs="+", default=[[2], [2, 3]],
-        help="tensorFM interaction orders per series, comma-separated (each order at every --ranks rank)",
-    )
-    parser.add_argument("--models", nargs="+", default=list(MODELS), help=f"subset of {list(MODELS)}")
-    parser.add_argument("--fields", type=int, default=40)
-    parser.add_argument("--dim", type=int, default=16)
-    parser.add_argument("--vocab-size", type=int, default=1000, help="values per field (the item gather is memory-bound: it matters)")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(func=handle)
+    command(parser, FLAGS, handle)

@@ -15,12 +15,19 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ValidationError, create_model
+from pydantic import BaseModel, StringConstraints, ValidationError, create_model
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, CliApp, CliSettingsSource, CliVariadicArg, SettingsConfigDict
 
 DISCRIMINATOR = "model"
 SHORTCUTS = {"learning-rate": "lr"}  # the spelling the docs use
+# A set of tensorFM interaction orders as one flag value: "2+3" is orders 2 and 3.
+OrderSet = Annotated[str, StringConstraints(pattern=r"^[0-9]+(\+[0-9]+)*$")]
+
+
+def order_sets(values: Sequence[str]) -> list[list[int]]:
+    """``["2", "2+3"]`` -> ``[[2], [2, 3]]``."""
+    return [[int(order) for order in orders.split("+")] for orders in values]
 
 
 class _Flags(BaseSettings):

@@ -25,12 +25,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 
 from model_zoo.batch import FeatureBatch
@@ -55,7 +55,7 @@ from model_zoo.training import (
 )
 from rayjobs.bench_scoring import time_auction
 from rayjobs.cluster import init_private_ray
-from rayjobs.options import FlatCommand, command
+from rayjobs.options import FlatCommand, OrderSet, command, order_sets
 
 # pruned_fwfm needs a trained FwFM: see `experiment table1`.
 TunableKind = Literal["fm", "fwfm", "dplr_fwfm", "tensorfm"]
@@ -77,7 +77,6 @@ class SweepSettings(BaseModel):
         return self.train.model_copy(update={"learning_rate": learning_rate, "l2": l2})
 
 
-OrderSet = Annotated[str, StringConstraints(pattern=r"^[0-9]+(\+[0-9]+)*$")]  # "2+3": orders 2 and 3
 # The flags of a sweep: learning rate and L2 are searched, not set.
 SWEPT = ("learning_rate", "l2")
 
@@ -100,7 +99,7 @@ class TuneJob(SweepSettings):
 
     @property
     def order_sets(self) -> list[list[int]]:
-        return [[int(order) for order in orders.split("+")] for orders in self.orders]
+        return order_sets(self.orders)
 
     @model_validator(mode="after")
     def _ranges(self) -> "TuneJob":

@@ -36,4 +36,4 @@ def test_bench_scoring_writes_records_and_plot(tmp_path, capsys):
 def test_bench_rejects_unknown_model(tmp_path, capsys):
     code = main(["bench", "scoring", "--json", str(tmp_path / "x.json"), "--models", "nope"])
     assert code == 2
-    assert "unknown models ['nope']" in capsys.readouterr().err
+    assert "error: --models: Input should be 'dplr_fwfm', 'dplr_catalog', " in capsys.readouterr().err

@@ -12,7 +12,7 @@ import yaml
 
 from model_zoo.schema import Task
 from model_zoo.synthetic import PlantedConfig
-from rayjobs import analyze, baselines, broker, cluster, demo, prepare, produce, serve, synth
+from rayjobs import analyze, baselines, bench_scoring, broker, cluster, demo, prepare, produce, serve, synth
 from rayjobs.cli import build_parser, main
 from serve_app.config import ModelConfig, ScorerArgs
 from streaming.kafka_config import TopicNames
@@ -31,6 +31,7 @@ COMMANDS = [
     (["synth"], ["--rows", "10", "--out", "o"], synth.FLAGS),
     (["prepare"], ["--dataset", "criteo", "--input", "a", "--out", "o"], prepare.FLAGS),
     (["experiment", "baselines"], ["--data", "d", "--out", "o"], baselines.FLAGS),
+    (["bench", "scoring"], [], bench_scoring.FLAGS),
 ]
 
 
@@ -74,6 +75,12 @@ TYPED = [
                                    "--item-field", "i", "--seed", "5"],
      baselines.BaselinesJob(data=Path("d"), out=Path("o"), dim=4, kinds=["fm", "tensorfm"], ranks=[2], myfm_rank=3,
                             myfm_iterations=9, surprise=["SVD"], user_field="u", item_field="i", seed=5)),
+    (["bench", "scoring"], ["--json", "s.json", "--items", "7", "--context-fields", "2", "3", "--ranks", "2",
+                            "--tensorfm-orders", "2+3", "3", "--models", "fm", "tensorfm", "--fields", "6", "--dim", "4",
+                            "--vocab-size", "9", "--warmup", "0", "--repeats", "2", "--seed", "1"],
+     bench_scoring.BenchScoringJob(json_path=Path("s.json"), items=[7], context_fields=[2, 3], ranks=[2],
+                                   tensorfm_orders=["2+3", "3"], models=["fm", "tensorfm"], fields=6, dim=4,
+                                   vocab_size=9, warmup=0, repeats=2, seed=1)),
 ]  # fmt: skip
 
 
@@ -105,6 +112,9 @@ INVALID = [
     (["experiment", "baselines"], ["--data", "d", "--out", "o", "--myfm-iterations", "0"],
      "--myfm-iterations: Input should be greater than or equal to 1"),
     (["experiment", "baselines"], ["--data", "d", "--out", "o", "--surprise", "KNN"], "--surprise: Input should be 'BaselineOnly', 'SVD' or 'SVD++'"),
+    (["bench", "scoring"], ["--tensorfm-orders", "2", "2x3"], "--tensorfm-orders: String should match pattern"),
+    (["bench", "scoring"], ["--repeats", "0"], "--repeats: Input should be greater than 0"),
+    (["bench", "scoring"], ["--fields", "8", "--context-fields", "8"], "every --context-fields must be below --fields"),
 ]  # fmt: skip
 
 
