@@ -139,15 +139,15 @@ BLOCK = 8  # cut-off granularity in floats: one AVX2 register
 
 
 class MFConfig(BaseModel):
-    dim: int = Field(default=32, ge=1, le=4096)
+    dim: int = Field(default=32, ge=1, le=4096, description="factor size k")
     epochs: int = Field(default=20, ge=1)
-    learning_rate: float = Field(default=0.005, gt=0)
+    learning_rate: float = Field(default=0.005, gt=0, description="SGD step size")
     l2: float = Field(default=0.05, ge=0, description="L2 on the biases and factors touched by each rating")
-    init_std: float = Field(default=0.1, gt=0)
+    init_std: float = Field(default=0.1, gt=0, description="standard deviation of the initial factors")
     pruning_rate: float = Field(default=0.0, ge=0, lt=1)
     prune_after_epoch: int = Field(default=2, ge=1, description="fit thresholds and permute after this many epochs")
     cutoff_rule: CutoffRule = "count"
-    seed: int = 0
+    seed: int = Field(default=0, description="of the initial factors and the rating order")
 
 
 @dataclass

@@ -15,12 +15,14 @@ import argparse
 import json
 import statistics
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from tqdm import tqdm
 
 from model_zoo.mf import (
+    CutoffRule,
     MFConfig,
     MFResult,
     RatingSplits,
@@ -30,6 +32,7 @@ from model_zoo.mf import (
     train_mf,
 )
 from rayjobs.bench import write_results
+from rayjobs.options import FlatCommand, command
 
 PAPER_SPEEDUP = (1.2, 1.65)
 PAPER_MAX_ERROR_INCREASE = 0.2008
@@ -52,25 +55,57 @@ class MFRecord(BaseModel):
     threshold_q: float
 
 
-def load_data(args: argparse.Namespace) -> tuple[RatingSplits, str]:
+class BenchMFJob(BaseModel):
+    """`rankstream bench mf`: the ratings (a dataset or planted), the pruning rates and rules
+    measured, and the training settings every configuration shares."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: Path | None = Field(default=None, description="a prepared MovieLens directory, or a directory holding ratings.dat (or the file)")
+    planted: bool = Field(default=False, description="use planted low-rank ratings instead of --data")
+    planted_shape: list[PositiveInt] = Field(
+        default=[4000, 2000, 8, 400_000], min_length=4, max_length=4, description="planted: users, items, rank, ratings"
+    )
+    planted_noise: float = Field(default=0.3, ge=0, description="planted: rating noise std")
+    user_field: str = Field(default="user_id", description="a prepared dataset's user column")
+    item_field: str = Field(default="movie_id", description="a prepared dataset's item column")
+    json_path: Path = Field(default=Path("bench-results/mf.json"), description="output JSON (the plot goes beside it)")
+    rates: list[Annotated[float, Field(ge=0, lt=1)]] = Field(
+        default=[0.1, 0.2, 0.3, 0.4, 0.5], min_length=1, description="pruning rates, each against dense training"
+    )
+    rules: list[CutoffRule] = Field(default=["count", "first_small"], min_length=1, description="cut-off rules")
+    repeats: PositiveInt = Field(default=5, description="runs of each configuration, round-robin")
+    # Each configuration sets its own pruning rate and cut-off rule.
+    mf: MFConfig = MFConfig()
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "BenchMFJob":
+        if (self.data is None) == (not self.planted):
+            raise ValueError("give exactly one of --data and --planted")
+        return self
+
+
+FLAGS = FlatCommand(
+    "BenchMF", BenchMFJob, sections={"mf": MFConfig}, exclude=("pruning_rate", "cutoff_rule"), shortcuts={"json-path": "json"}
+)
+
+
+def load_data(args: BenchMFJob) -> tuple[RatingSplits, str]:
     if args.planted:
         users, items, rank, ratings = args.planted_shape
-        splits = planted_ratings(users, items, rank, ratings, noise=args.planted_noise, seed=args.seed)
+        splits = planted_ratings(users, items, rank, ratings, noise=args.planted_noise, seed=args.mf.seed)
         return splits, f"planted rank-{rank} MF, {users} users × {items} items, {ratings} ratings, noise {args.planted_noise}"
-    path = Path(args.data)
+    path = args.data
     if (path / "schema.json").is_file():
         return load_prepared_ratings(path, args.user_field, args.item_field), f"prepared {path}"
     if path.is_file() or (path / "ratings.dat").is_file():
-        return load_ratings_dat(path, seed=args.seed), f"ratings.dat {path}"
+        return load_ratings_dat(path, seed=args.mf.seed), f"ratings.dat {path}"
     raise FileNotFoundError(f"{path} is neither a prepared dataset (schema.json) nor holds ratings.dat")
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: BenchMFJob) -> dict:
     splits, description = load_data(args)
-    base = MFConfig(
-        dim=args.dim, epochs=args.epochs, learning_rate=args.learning_rate, l2=args.l2,
-        init_std=args.init_std, prune_after_epoch=args.prune_after_epoch, seed=args.seed,
-    )  # fmt: skip
+    base = args.mf
     configurations = [("dense", 0.0)] + [(rule, rate) for rule in args.rules for rate in args.rates if rate > 0]
     for rule in args.rules:  # compile the kernels outside the timings
         train_mf(splits, base.model_copy(update={"epochs": base.prune_after_epoch + 1, "pruning_rate": 0.1, "cutoff_rule": rule}))
@@ -151,9 +186,7 @@ def plot(report: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def handle(args: argparse.Namespace) -> int:
-    if (args.data is None) == (not args.planted):
-        raise ValueError("give exactly one of --data and --planted")
+def handle(args: BenchMFJob) -> int:
     report = run(args)
     print(f"{report['data']}: mean predictor test RMSE {report['mean_predictor_test_rmse']:.4f}")
     for r in report["records"]:
@@ -163,27 +196,10 @@ def handle(args: argparse.Namespace) -> int:
             f"speed-up {r['speedup_median']:.2f}× median / {r['speedup_best']:.2f}× best, "
             f"work {r['work_fraction']:.3f}, final cut-off {r['final_mean_cutoff']:.1f}"
         )
-    write_results(args.json, json.dumps(report, indent=2) + "\n", lambda path: plot(report, path))
+    write_results(args.json_path, json.dumps(report, indent=2) + "\n", lambda path: plot(report, path))
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("mf", help="dynamic-pruning MF: training time and test RMSE per pruning rate")
-    parser.add_argument("--data", help="a prepared MovieLens directory, or a directory holding ratings.dat (or the file)")
-    parser.add_argument("--planted", action="store_true", help="use planted low-rank ratings instead of --data")
-    parser.add_argument("--planted-shape", type=int, nargs=4, default=[4000, 2000, 8, 400_000], metavar=("USERS", "ITEMS", "RANK", "RATINGS"))
-    parser.add_argument("--planted-noise", type=float, default=0.3)
-    parser.add_argument("--user-field", default="user_id")
-    parser.add_argument("--item-field", default="movie_id")
-    parser.add_argument("--json", default="bench-results/mf.json", help="output JSON (the plot goes beside it)")
-    parser.add_argument("--rates", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5])
-    parser.add_argument("--rules", nargs="+", default=["count", "first_small"], choices=["count", "first_small"])
-    parser.add_argument("--dim", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--learning-rate", type=float, default=0.005)
-    parser.add_argument("--l2", type=float, default=0.05)
-    parser.add_argument("--init-std", type=float, default=0.1)
-    parser.add_argument("--prune-after-epoch", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(func=handle)
+    command(parser, FLAGS, handle)

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from model_zoo.mf import MFConfig
 from model_zoo.schema import Task
 from model_zoo.synthetic import PlantedConfig
-from rayjobs import analyze, baselines, bench_scoring, broker, cluster, demo, prepare, produce, serve, synth
+from rayjobs import analyze, baselines, bench_mf, bench_scoring, broker, cluster, demo, prepare, produce, serve, synth
 from rayjobs.cli import build_parser, main
 from serve_app.config import ModelConfig, ScorerArgs
 from streaming.kafka_config import TopicNames
@@ -32,6 +33,7 @@ COMMANDS = [
     (["prepare"], ["--dataset", "criteo", "--input", "a", "--out", "o"], prepare.FLAGS),
     (["experiment", "baselines"], ["--data", "d", "--out", "o"], baselines.FLAGS),
     (["bench", "scoring"], [], bench_scoring.FLAGS),
+    (["bench", "mf"], ["--planted"], bench_mf.FLAGS),
 ]
 
 
@@ -81,6 +83,14 @@ TYPED = [
      bench_scoring.BenchScoringJob(json_path=Path("s.json"), items=[7], context_fields=[2, 3], ranks=[2],
                                    tensorfm_orders=["2+3", "3"], models=["fm", "tensorfm"], fields=6, dim=4,
                                    vocab_size=9, warmup=0, repeats=2, seed=1)),
+    (["bench", "mf"], ["--data", "ml", "--user-field", "u", "--item-field", "m", "--json", "m.json", "--rates", "0.2",
+                       "--rules", "first_small", "--repeats", "1", "--dim", "64", "--epochs", "4", "--lr", "0.02",
+                       "--l2", "0.01", "--init-std", "0.2", "--prune-after-epoch", "3", "--seed", "2"],
+     bench_mf.BenchMFJob(data=Path("ml"), user_field="u", item_field="m", json_path=Path("m.json"), rates=[0.2],
+                         rules=["first_small"], repeats=1,
+                         mf=MFConfig(dim=64, epochs=4, learning_rate=0.02, l2=0.01, init_std=0.2, prune_after_epoch=3, seed=2))),
+    (["bench", "mf"], ["--planted", "--planted-shape", "10", "20", "3", "500", "--planted-noise", "0.1"],
+     bench_mf.BenchMFJob(planted=True, planted_shape=[10, 20, 3, 500], planted_noise=0.1)),
 ]  # fmt: skip
 
 
@@ -115,6 +125,11 @@ INVALID = [
     (["bench", "scoring"], ["--tensorfm-orders", "2", "2x3"], "--tensorfm-orders: String should match pattern"),
     (["bench", "scoring"], ["--repeats", "0"], "--repeats: Input should be greater than 0"),
     (["bench", "scoring"], ["--fields", "8", "--context-fields", "8"], "every --context-fields must be below --fields"),
+    (["bench", "mf"], ["--planted", "--rates", "0.5", "1"], "--rates: Input should be less than 1"),
+    (["bench", "mf"], ["--planted", "--planted-shape", "10", "20", "3"], "--planted-shape: List should have at least 4 items"),
+    (["bench", "mf"], ["--planted", "--rules", "top"], "--rules: Input should be 'count' or 'first_small'"),
+    (["bench", "mf"], ["--planted", "--data", "d"], "give exactly one of --data and --planted"),
+    (["bench", "mf"], ["--planted", "--dim", "0"], "--dim: Input should be greater than or equal to 1"),
 ]  # fmt: skip
 
 

@@ -1,3 +1,4 @@
+import json
 import math
 
 import numpy as np
@@ -191,3 +192,19 @@ def test_mf_beats_the_mean_on_the_prepared_movielens_sample(shared_data, tmp_pat
     assert len(splits.train) + len(splits.valid) + len(splits.test) == 100_000
     result = train_mf(splits, MFConfig(dim=32, epochs=15, learning_rate=0.005, l2=0.05, pruning_rate=0.3))
     assert result.model.rmse(splits.test) < mean_rmse(splits) - 0.1
+
+
+def test_bench_mf_on_planted_ratings_writes_each_configuration(tmp_path, capsys):
+    out = tmp_path / "mf.json"
+    code = main(["bench", "mf", "--planted", "--planted-shape", "60", "40", "2", "3000", "--dim", "8", "--epochs", "3",
+                 "--prune-after-epoch", "1", "--rates", "0", "0.25", "--rules", "count", "--repeats", "2",
+                 "--json", str(out)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert report["data"].startswith("planted rank-2 MF, 60 users × 40 items, 3000 ratings")
+    assert (report["config"]["dim"], report["config"]["epochs"], report["repeats"]) == (8, 3, 2)
+    assert [(r["rule"], r["pruning_rate"]) for r in report["records"]] == [("dense", 0.0), ("count", 0.25)]
+    assert report["records"][1]["work_fraction"] < 1.0
+    assert out.with_suffix(".png").is_file()
+    assert main(["bench", "mf", "--json", str(out)]) == 2
+    assert "error: give exactly one of --data and --planted" in capsys.readouterr().err
