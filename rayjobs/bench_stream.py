@@ -31,13 +31,14 @@ from typing import Any, Literal
 import numpy as np
 import psutil
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
 from model_zoo.bundle import save_bundle
 from model_zoo.registry import build_model
 from rayjobs.bench import write_results
 from rayjobs.bench_scoring import grid_schema
 from rayjobs.cluster import init_private_ray
+from rayjobs.options import FlatCommand, command
 from model_zoo.runtime import freeze_heap
 from serve_app.config import ModelConfig, ScorerArgs, ServiceConfig
 from serve_app.runtime import BatchReport, Reply
@@ -46,6 +47,7 @@ from streaming.broker import start_broker
 from streaming.kafka_config import KafkaClientConfig, TopicNames
 from streaming.producer import (
     AuctionTemplate,
+    ItemFormat,
     LoadConfig,
     LoadReport,
     run_load,
@@ -60,6 +62,35 @@ APP_NAME = "rankstream"
 FLOOR_MODEL = "echo"
 
 Scorer = Literal["scorer", "floor"]
+
+
+class BenchStreamJob(BaseModel):
+    """`rankstream bench stream`: the rates offered, the auctions' shape, the scorer and the load generator."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_path: Path = Field(default=Path("bench-results/stream.json"), description="output JSON (the plot goes beside it)")
+    rates: list[PositiveFloat] = Field(default=[500, 1000, 1500, 2000, 2500, 3000, 4000], min_length=1, description="offered rates, stepped up")
+    latency_rates: list[PositiveFloat] = Field(default=[1000], description="also measure latency here")
+    seconds: PositiveFloat = Field(default=10.0, description="per rate step")
+    rounds: PositiveInt = Field(default=2, description="floor/scorer alternations per latency rate")
+    replicas: PositiveInt = Field(default=1, description="scorer replicas")
+    partitions: PositiveInt = Field(default=4, description="of each topic")
+    items: PositiveInt = Field(default=100, description="items per auction")
+    item_format: ItemFormat = Field(default="packed", description="how auctions carry items (docs/protocol.md)")
+    context_fields: PositiveInt = 20
+    item_fields: PositiveInt = 20
+    vocab_size: PositiveInt = Field(default=1000, description="values per field")
+    rank: PositiveInt = Field(default=3, description="of the DPLR-FwFM scored")
+    dim: PositiveInt = Field(default=16, description="embedding size k")
+    distinct: PositiveInt = Field(default=5000, description="distinct auctions built, then cycled")
+    # The scorer's and the load generator's own settings, declared there.
+    context_cache_size: int = ScorerArgs.model_fields["context_cache_size"]
+    linger_ms: int = LoadConfig.model_fields["linger_ms"]
+    seed: int = Field(default=0, description="of the model's weights and the auctions")
+
+
+FLAGS = FlatCommand("BenchStream", BenchStreamJob, shortcuts={"json-path": "json"})
 
 
 class RatePoint(BaseModel):
@@ -240,7 +271,7 @@ def offer(
 
 
 def measure(
-    args: argparse.Namespace, work: Path, bundle: Path, templates: list[AuctionTemplate], rate: float,
+    args: BenchStreamJob, work: Path, bundle: Path, templates: list[AuctionTemplate], rate: float,
     scorer: Scorer = "scorer",
 ) -> RatePoint:
     """One rate on a fresh broker and a fresh scorer deployment (or echo process): the
@@ -269,7 +300,7 @@ def measure(
             serve.delete(APP_NAME)  # the Kafka loops commit and close while their broker is up
 
 
-def run(args: argparse.Namespace) -> StreamBenchmark:
+def run(args: BenchStreamJob) -> StreamBenchmark:
     import ray
     from ray import serve
 
@@ -358,35 +389,15 @@ def plot(result: StreamBenchmark, path: Path) -> None:
     plt.close(figure)
 
 
-def handle(args: argparse.Namespace) -> int:
+def handle(args: BenchStreamJob) -> int:
     result = run(args)
     print_comparison(result)
     print(f"max sustained rate {result.max_sustained_rate:.0f} auctions/s "
           f"({result.max_sustained_rate * args.items:,.0f} item scores/s)")
-    write_results(args.json, result.model_dump_json(indent=2) + "\n", lambda path: plot(result, path))
+    write_results(args.json_path, result.model_dump_json(indent=2) + "\n", lambda path: plot(result, path))
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("stream", help="Kafka -> Serve -> Kafka: max sustained rate and latency")
-    parser.add_argument("--json", default="bench-results/stream.json", help="output JSON (the plot goes beside it)")
-    parser.add_argument("--rates", type=float, nargs="+", default=[500, 1000, 1500, 2000, 2500, 3000, 4000])
-    parser.add_argument("--latency-rates", type=float, nargs="*", default=[1000], help="also measure latency here")
-    parser.add_argument("--seconds", type=float, default=10.0, help="per rate step")
-    parser.add_argument("--rounds", type=int, default=2, help="floor/scorer alternations per latency rate")
-    parser.add_argument("--replicas", type=int, default=1)
-    parser.add_argument("--partitions", type=int, default=4)
-    parser.add_argument("--items", type=int, default=100)
-    parser.add_argument("--item-format", choices=["rows", "columns", "packed"], default="packed",
-                        help="how auctions carry items (docs/protocol.md)")
-    parser.add_argument("--context-fields", type=int, default=20)
-    parser.add_argument("--item-fields", type=int, default=20)
-    parser.add_argument("--vocab-size", type=int, default=1000)
-    parser.add_argument("--rank", type=int, default=3)
-    parser.add_argument("--dim", type=int, default=16)
-    parser.add_argument("--distinct", type=int, default=5000, help="distinct auctions built, then cycled")
-    parser.add_argument("--context-cache-size", type=int, default=10_000)
-    parser.add_argument("--linger-ms", type=int, default=5,
-                        help="the load generator's producer linger: the ad server's batching of auction messages")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(func=handle)
+    command(parser, FLAGS, handle)

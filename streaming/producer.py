@@ -227,7 +227,7 @@ class LoadConfig(BaseModel):
     reply_timeout_s: float = Field(default=10.0, gt=0, description="stop waiting after this long without a reply")
     reply_topic: str | None = Field(default=None, description="where replies go (default: the scores topic)")
     progress: bool = True
-    linger_ms: int = Field(default=5, ge=0)
+    linger_ms: int = Field(default=5, ge=0, description="the producer's linger: how long it batches auction messages (an ad server's batching)")
 
 
 class LatencySummary(BaseModel):

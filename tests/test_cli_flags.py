@@ -13,7 +13,7 @@ import yaml
 from model_zoo.mf import MFConfig
 from model_zoo.schema import Task
 from model_zoo.synthetic import PlantedConfig
-from rayjobs import analyze, baselines, bench_mf, bench_scoring, broker, cluster, demo, prepare, produce, serve, synth
+from rayjobs import analyze, baselines, bench_mf, bench_scoring, bench_stream, broker, cluster, demo, prepare, produce, serve, synth
 from rayjobs.cli import build_parser, main
 from serve_app.config import ModelConfig, ScorerArgs
 from streaming.kafka_config import TopicNames
@@ -34,6 +34,7 @@ COMMANDS = [
     (["experiment", "baselines"], ["--data", "d", "--out", "o"], baselines.FLAGS),
     (["bench", "scoring"], [], bench_scoring.FLAGS),
     (["bench", "mf"], ["--planted"], bench_mf.FLAGS),
+    (["bench", "stream"], [], bench_stream.FLAGS),
 ]
 
 
@@ -91,6 +92,13 @@ TYPED = [
                          mf=MFConfig(dim=64, epochs=4, learning_rate=0.02, l2=0.01, init_std=0.2, prune_after_epoch=3, seed=2))),
     (["bench", "mf"], ["--planted", "--planted-shape", "10", "20", "3", "500", "--planted-noise", "0.1"],
      bench_mf.BenchMFJob(planted=True, planted_shape=[10, 20, 3, 500], planted_noise=0.1)),
+    (["bench", "stream"], ["--json", "s.json", "--rates", "50", "75", "--latency-rates", "--seconds", "2", "--rounds", "1",
+                           "--replicas", "2", "--partitions", "3", "--items", "5", "--item-format", "rows",
+                           "--context-fields", "2", "--item-fields", "3", "--vocab-size", "20", "--rank", "1", "--dim", "4",
+                           "--distinct", "20", "--context-cache-size", "0", "--linger-ms", "0", "--seed", "4"],
+     bench_stream.BenchStreamJob(json_path=Path("s.json"), rates=[50, 75], latency_rates=[], seconds=2, rounds=1,
+                                 replicas=2, partitions=3, items=5, item_format="rows", context_fields=2, item_fields=3,
+                                 vocab_size=20, rank=1, dim=4, distinct=20, context_cache_size=0, linger_ms=0, seed=4)),
 ]  # fmt: skip
 
 
@@ -130,6 +138,9 @@ INVALID = [
     (["bench", "mf"], ["--planted", "--rules", "top"], "--rules: Input should be 'count' or 'first_small'"),
     (["bench", "mf"], ["--planted", "--data", "d"], "give exactly one of --data and --planted"),
     (["bench", "mf"], ["--planted", "--dim", "0"], "--dim: Input should be greater than or equal to 1"),
+    (["bench", "stream"], ["--rates", "100", "-5"], "--rates: Input should be greater than 0"),
+    (["bench", "stream"], ["--linger-ms", "-1"], "--linger-ms: Input should be greater than or equal to 0"),
+    (["bench", "stream"], ["--item-format", "json"], "--item-format: Input should be 'rows', 'columns' or 'packed'"),
 ]  # fmt: skip
 
 
