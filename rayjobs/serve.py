@@ -140,12 +140,20 @@ def delete(dashboard_url: str) -> None:
 # -- metrics ----------------------------------------------------------------------------
 def scorer_metrics(metrics_urls: list[str]) -> dict[str, float]:
     """The scorer's metrics summed over replicas, from the nodes' Prometheus endpoints
-    (what Prometheus scrapes). Histograms give count, mean and bucket quantiles."""
-    totals: dict[str, float] = {}
-    buckets: dict[str, dict[float, float]] = {}
+    (what Prometheus scrapes)."""
+    texts = []
     for url in metrics_urls:
         with urllib.request.urlopen(url, timeout=5) as response:
-            text = response.read().decode()
+            texts.append(response.read().decode())
+    return summed_metrics(texts)
+
+
+def summed_metrics(texts: list[str]) -> dict[str, float]:
+    """Prometheus texts' scorer samples summed over replicas. Histograms give count, mean
+    and bucket quantiles; the context cache's hit ratio comes from the summed counters."""
+    totals: dict[str, float] = {}
+    buckets: dict[str, dict[float, float]] = {}
+    for text in texts:
         for family in text_string_to_metric_families(text):
             if not family.name.startswith(METRIC_PREFIX):
                 continue
@@ -166,6 +174,9 @@ def scorer_metrics(metrics_urls: list[str]) -> dict[str, float]:
             totals[f"{name}_mean"] = totals.get(f"{name}_sum", 0.0) / count
             for q in (0.5, 0.99):
                 totals[f"{name}_p{int(q * 100)}<="] = next(edge for edge in sorted(bucket) if bucket[edge] >= q * count)
+    lookups = totals.get("context_cache_lookups_total", 0.0)
+    if lookups:
+        totals["context_cache_hit_ratio"] = totals.get("context_cache_hits_total", 0.0) / lookups
     return totals
 
 

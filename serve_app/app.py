@@ -132,7 +132,7 @@ class Scorer:
             if runtime is None:
                 raise RuntimeError("no model loaded yet")
             report = runtime.score_messages(messages, received_at_ms, sources)
-            self.metrics.record_batch(report, runtime.context_cache.hit_ratio)
+            self.metrics.record_batch(report, runtime.context_cache)
         return report
 
     def check_health(self) -> None:

@@ -11,6 +11,7 @@ from collections import deque
 import numpy as np
 from ray.serve import metrics
 
+from model_zoo.context_cache import ContextCache
 from serve_app.runtime import BatchReport
 
 LATENCY_BOUNDARIES_MS = [0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 25, 35, 50, 75, 100, 250, 500, 1000, 5000]
@@ -31,7 +32,9 @@ class ScorerMetrics:
         self.consumer_lag = metrics.Gauge(
             "rankstream_consumer_lag", "messages behind the high watermark", tag_keys=("partition",)
         )
-        self.cache_hit_ratio = metrics.Gauge("rankstream_context_cache_hit_ratio", "context cache hits / lookups")
+        # Counters, not a ratio gauge: `serve status` sums over replicas, and a sum of ratios is none.
+        self.cache_hits = metrics.Counter("rankstream_context_cache_hits", "contexts found in the context cache")
+        self.cache_lookups = metrics.Counter("rankstream_context_cache_lookups", "contexts looked up in the context cache")
         self.model_version = metrics.Gauge(
             "rankstream_model_version_info", "1 for the model version this replica serves", tag_keys=("model", "version")
         )
@@ -44,11 +47,11 @@ class ScorerMetrics:
         self.error_totals: Tally[str] = Tally()
         self.recent_end_to_end: deque[float] = deque(maxlen=RECENT_REPLIES)
         self.lag: dict[int, int] = {}
-        self.hit_ratio = 0.0
+        self._cache_counted: tuple[ContextCache | None, int, int] = (None, 0, 0)  # the cache, its hits and lookups counted
         self.serving: tuple[str, str] | None = None
         self.failed_reload: tuple[str, str] | None = None  # (bundle, error)
 
-    def record_batch(self, report: BatchReport, cache_hit_ratio: float) -> None:
+    def record_batch(self, report: BatchReport, cache: ContextCache) -> None:
         if report.auctions:
             self.auctions.inc(report.auctions)
             self.items.inc(report.items)
@@ -60,8 +63,13 @@ class ScorerMetrics:
                 self.end_to_end_latency.observe(reply.end_to_end_ms)
                 self.recent_end_to_end.append(reply.end_to_end_ms)
         self.totals.update(auctions=report.auctions, items=report.items, batches=1)
-        self.cache_hit_ratio.set(cache_hit_ratio)
-        self.hit_ratio = cache_hit_ratio
+        counted, hits, lookups = self._cache_counted
+        if counted is not cache:  # a reload brings a new cache, counting from zero
+            hits = lookups = 0
+        for counter, new in ((self.cache_hits, cache.hits - hits), (self.cache_lookups, cache.lookups - lookups)):
+            if new > 0:  # Ray's counters refuse an increment of 0
+                counter.inc(new)
+        self._cache_counted = (cache, cache.hits, cache.lookups)
 
     def record_dead_letter(self, reason: str, count: int = 1) -> None:
         self.errors.inc(count, tags={"reason": reason})
@@ -98,7 +106,7 @@ class ScorerMetrics:
             "items_scored": self.totals["items"],
             "batches": self.totals["batches"],
             "errors": dict(self.error_totals),
-            "context_cache_hit_ratio": round(self.hit_ratio, 4),
+            "context_cache_hit_ratio": round(self._cache_counted[0].hit_ratio, 4) if self._cache_counted[0] else 0.0,
             "consumer_lag": {str(p): n for p, n in sorted(self.lag.items())},
             "end_to_end_ms_recent": None
             if recent is None

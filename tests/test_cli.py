@@ -37,3 +37,24 @@ def test_bench_rejects_unknown_model(tmp_path, capsys):
     code = main(["bench", "scoring", "--json", str(tmp_path / "x.json"), "--models", "nope"])
     assert code == 2
     assert "error: --models: Input should be 'dplr_fwfm', 'dplr_catalog', " in capsys.readouterr().err
+
+
+def test_serve_status_sums_counters_over_replicas_and_takes_the_cache_hit_ratio_from_them() -> None:
+    from rayjobs.serve import summed_metrics
+
+    def replica(hits: int, lookups: int, reason_count: int) -> str:
+        return (
+            "# TYPE ray_rankstream_context_cache_hits counter\n"
+            f'ray_rankstream_context_cache_hits_total{{replica="r"}} {hits}\n'
+            "# TYPE ray_rankstream_context_cache_lookups counter\n"
+            f'ray_rankstream_context_cache_lookups_total{{replica="r"}} {lookups}\n'
+            "# TYPE ray_rankstream_errors counter\n"
+            f'ray_rankstream_errors_total{{reason="wrong_type",replica="r"}} {reason_count}\n'
+        )
+
+    # Two replicas at 0.9 and 0.5: summed ratios would say 1.4.
+    totals = summed_metrics([replica(9, 10, 2), replica(15, 30, 3)])
+    assert totals["context_cache_hits_total"] == 24 and totals["context_cache_lookups_total"] == 40
+    assert totals["context_cache_hit_ratio"] == 0.6
+    assert totals["errors_total{reason=wrong_type}"] == 5
+    assert "context_cache_hit_ratio" not in summed_metrics([])
