@@ -98,6 +98,7 @@ class ScorerMetrics:
 
     def snapshot(self) -> dict[str, object]:
         recent = np.asarray(self.recent_end_to_end) if self.recent_end_to_end else None
+        cache = self._cache_counted[0]
         return {
             "pid": os.getpid(),
             "model": self.serving[0] if self.serving else None,
@@ -106,7 +107,7 @@ class ScorerMetrics:
             "items_scored": self.totals["items"],
             "batches": self.totals["batches"],
             "errors": dict(self.error_totals),
-            "context_cache_hit_ratio": round(self._cache_counted[0].hit_ratio, 4) if self._cache_counted[0] else 0.0,
+            "context_cache_hit_ratio": 0.0 if cache is None else round(cache.hit_ratio, 4),
             "consumer_lag": {str(p): n for p, n in sorted(self.lag.items())},
             "end_to_end_ms_recent": None
             if recent is None

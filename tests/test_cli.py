@@ -58,3 +58,29 @@ def test_serve_status_sums_counters_over_replicas_and_takes_the_cache_hit_ratio_
     assert totals["context_cache_hit_ratio"] == 0.6
     assert totals["errors_total{reason=wrong_type}"] == 5
     assert "context_cache_hit_ratio" not in summed_metrics([])
+
+
+def test_a_replica_exports_cache_hits_and_lookups_as_increments_a_reload_counting_from_zero() -> None:
+    from model_zoo.context_cache import ContextCache
+    from serve_app.metrics import ScorerMetrics
+    from serve_app.runtime import BatchReport
+
+    class Recorded:
+        def __init__(self) -> None:
+            self.total = 0
+
+        def inc(self, value: int) -> None:
+            assert value > 0
+            self.total += value
+
+    metrics = ScorerMetrics()
+    metrics.cache_hits, metrics.cache_lookups = Recorded(), Recorded()
+    cache = ContextCache(4)
+    for hits, lookups in ((0, 0), (3, 5), (3, 5), (7, 10)):
+        cache.hits, cache.lookups = hits, lookups
+        metrics.record_batch(BatchReport(replies=[]), cache)
+    reloaded = ContextCache(4)  # the new model's cache
+    reloaded.hits, reloaded.lookups = 1, 4
+    metrics.record_batch(BatchReport(replies=[]), reloaded)
+    assert (metrics.cache_hits.total, metrics.cache_lookups.total) == (8, 14)
+    assert metrics.snapshot()["context_cache_hit_ratio"] == 0.25
