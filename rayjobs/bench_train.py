@@ -132,6 +132,9 @@ def _ingest_free_rank(rank: int, workers: int, directory: str, kind: str, rank_o
     }  # fmt: skip
     Path(directory, f"rank{rank}.json").write_text(json.dumps(result))
     if workers > 1:
+        # Both ranks past their last collective before either tears gloo down: a rank that
+        # closed its pairs while the other still sent aborted ("terminate called …") at exit.
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -69,6 +69,7 @@ def _rank_main(rank: int, directory: str) -> None:
     try:
         results = {(kind, optimizer): trained(kind, optimizer, rank) for kind in MODELS for optimizer in OPTIMIZERS}
         torch.save(results, f"{directory}/rank{rank}.pt")
+        dist.barrier()  # as bench train: both ranks past their last collective before teardown
     finally:
         dist.destroy_process_group()
 
