@@ -29,6 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from model_zoo.batch import FeatureBatch
+from model_zoo.bayes_fm import GibbsConfig, gibbs_fm, one_hot, to_fm
 from model_zoo.metrics import constant_baseline, primary_metric, task_metrics
 from model_zoo.schema import FeatureSchema, Role, Task
 from model_zoo.training import TrainConfig, evaluate, fit_in_memory, minibatches, uses_sparse_gradients
@@ -37,28 +38,6 @@ from rayjobs.tune import Splits, TunableKind, architectures, build_trial_model, 
 
 EXTRAS_HINT = "pip install 'rankstream[baselines]'  (myfm, scikit-surprise)"
 LINEAR_STRENGTHS = (0.1, 1.0, 10.0, 100.0)  # sklearn's C (logistic) or alpha (ridge), chosen on validation
-
-
-def one_hot(schema: FeatureSchema, batch: FeatureBatch) -> sp.csr_matrix:
-    """Rows of ``batch`` as one column per (field, value) of the schema's shared
-    vocabulary (a multi-valued field: its values' normalised weights)."""
-    rows, columns, values = [], [], []
-    count = len(batch)
-    offsets = schema.offsets
-    for position, name in enumerate(batch.single_fields):
-        rows.append(np.arange(count))
-        columns.append(batch.single[:, position].numpy() + offsets[schema.index[name]])
-        values.append(np.ones(count))
-    for name, bag in zip(batch.bag_fields, batch.bags):
-        weights = bag.weights.numpy().astype(np.float64)
-        weights = weights / np.maximum(weights.sum(axis=1, keepdims=True), 1e-12)
-        present = weights > 0
-        rows.append(np.nonzero(present)[0])
-        columns.append(bag.values.numpy()[present] + offsets[schema.index[name]])
-        values.append(weights[present])
-    return sp.csr_matrix(
-        (np.concatenate(values), (np.concatenate(rows), np.concatenate(columns))), shape=(count, schema.total_vocab)
-    )
 
 
 def labels_of(batch: FeatureBatch) -> np.ndarray:
@@ -183,6 +162,15 @@ def rankstream_model(splits: Splits, arch: dict[str, Any], config: TrainConfig) 
     return row(model_name(arch), "rankstream", settings, result.best_valid, test, time.perf_counter() - started)
 
 
+def gibbs_fm_model(splits: Splits, config: GibbsConfig) -> PeerResult:
+    """rankstream's Bayesian FM (Gibbs sampling), scored as the FM it exports."""
+    started = time.perf_counter()
+    model = to_fm(splits.schema, gibbs_fm(splits.schema, splits.train, config), config.export_dim)
+    valid, test = (evaluate(model, minibatches(batch, 8192)) for batch in (splits.valid, splits.test))
+    settings = {**config.model_dump(exclude={"seed"}), "exported_dim": model.dim}
+    return row("Bayesian FM (Gibbs), served as an FM", "rankstream", settings, valid, test, time.perf_counter() - started)
+
+
 def model_name(arch: dict[str, Any]) -> str:
     kind = arch["model"]
     if kind == "dplr_fwfm":
@@ -226,6 +214,7 @@ class BaselinesJob(BaseModel):
     ranks: list[PositiveInt] = Field(default=[1, 2, 3], min_length=1, description="DPLR ranks and tensorFM's CP ranks")
     myfm_rank: int = Field(default=8, ge=1, description="myfm's factor size")
     myfm_iterations: int = Field(default=200, ge=1, description="MCMC iterations")
+    gibbs: GibbsConfig = Field(default_factory=GibbsConfig, description="rankstream's Bayesian FM")
     surprise: list[Literal[SURPRISE_MODELS]] = Field(  # type: ignore[valid-type]
         default=list(SURPRISE_MODELS), min_length=1, description="scikit-surprise models for rating data (SVD++ takes ~20 min on the MovieLens sample)"
     )
@@ -234,7 +223,10 @@ class BaselinesJob(BaseModel):
     seed: int = Field(default=0, description="of every model's training")
 
 
-FLAGS = FlatCommand("Baselines", BaselinesJob)
+FLAGS = FlatCommand(
+    "Baselines", BaselinesJob, sections={"gibbs": GibbsConfig}, exclude=["gibbs.seed"],
+    renames={f"gibbs.{name}": f"gibbs_{name}" for name in GibbsConfig.model_fields if name != "seed"},
+)  # fmt: skip
 
 
 def run_baselines(args: BaselinesJob) -> int:
@@ -254,6 +246,7 @@ def run_baselines(args: BaselinesJob) -> int:
     user_item = (args.user_field or default[0], args.item_field or default[1])
     if task == Task.regression and None not in user_item and "scikit-surprise" not in missing:
         steps.append(lambda: surprise_models(splits, *user_item, seed=args.seed, names=tuple(args.surprise)))
+    steps.append(lambda: [gibbs_fm_model(splits, args.gibbs.model_copy(update={"seed": args.seed}))])
     config = TrainConfig(seed=args.seed)
     for arch in architectures(args.kinds, [args.dim], args.ranks):
         steps.append(lambda arch=arch: [rankstream_model(splits, arch, config)])

@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "rayjobs.prepare",
     "rayjobs.synth",
     "rayjobs.train",
+    "rayjobs.train_gibbs",
     "rayjobs.tune",
     "rayjobs.bench",
     "rayjobs.experiment",

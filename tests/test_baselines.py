@@ -15,7 +15,8 @@ from model_zoo.data.synth import SynthConfig, write_synthetic
 from model_zoo.metrics import task_metrics
 from model_zoo.schema import Task
 from model_zoo.synthetic import PlantedConfig
-from rayjobs.baselines import EXTRAS_HINT, one_hot
+from model_zoo.bayes_fm import one_hot
+from rayjobs.baselines import EXTRAS_HINT
 from rayjobs.cli import main
 from rayjobs.tune import load_splits
 

@@ -15,7 +15,10 @@ import yaml
 from model_zoo.mf import MFConfig
 from model_zoo.schema import Task
 from model_zoo.synthetic import PlantedConfig
-from rayjobs import analyze, baselines, bench_mf, bench_scoring, bench_stream, broker, cluster, demo, prepare, produce, serve, synth
+from model_zoo.bayes_fm import GibbsConfig
+from rayjobs import (
+    analyze, baselines, bench_mf, bench_scoring, bench_stream, broker, cluster, demo, prepare, produce, serve, synth, train_gibbs,
+)
 from rayjobs.cli import build_parser, main
 from serve_app.config import ModelConfig, ScorerArgs
 from streaming.kafka_config import TopicNames
@@ -34,6 +37,7 @@ COMMANDS = [
     (["synth"], ["--rows", "10", "--out", "o"], synth.FLAGS),
     (["prepare"], ["--dataset", "criteo", "--input", "a", "--out", "o"], prepare.FLAGS),
     (["experiment", "baselines"], ["--data", "d", "--out", "o"], baselines.FLAGS),
+    (["train-gibbs"], ["--data", "d", "--out", "o"], train_gibbs.FLAGS),
     (["bench", "scoring"], [], bench_scoring.FLAGS),
     (["bench", "mf"], ["--planted"], bench_mf.FLAGS),
     (["bench", "stream"], [], bench_stream.FLAGS),
@@ -77,9 +81,15 @@ TYPED = [
                                              log_square_fields=["price"], delimiter="\t"))),
     (["experiment", "baselines"], ["--data", "d", "--out", "o", "--dim", "4", "--kinds", "fm", "tensorfm", "--ranks", "2",
                                    "--myfm-rank", "3", "--myfm-iterations", "9", "--surprise", "SVD", "--user-field", "u",
-                                   "--item-field", "i", "--seed", "5"],
+                                   "--item-field", "i", "--seed", "5", "--gibbs-dim", "3", "--gibbs-export-dim", "6",
+                                   "--gibbs-priors", "field"],
      baselines.BaselinesJob(data=Path("d"), out=Path("o"), dim=4, kinds=["fm", "tensorfm"], ranks=[2], myfm_rank=3,
-                            myfm_iterations=9, surprise=["SVD"], user_field="u", item_field="i", seed=5)),
+                            myfm_iterations=9, surprise=["SVD"], user_field="u", item_field="i", seed=5,
+                            gibbs=GibbsConfig(dim=3, export_dim=6, priors="field"))),
+    (["train-gibbs"], ["--data", "d", "--out", "o", "--dim", "4", "--iterations", "30", "--burn-in", "3", "--export-dim", "12",
+                       "--init-std", "0.2", "--priors", "field", "--seed", "2", "--no-progress"],
+     train_gibbs.GibbsTrainJob(data=Path("d"), out=Path("o"), progress=False,
+                               gibbs=GibbsConfig(dim=4, iterations=30, burn_in=3, export_dim=12, init_std=0.2, priors="field", seed=2))),
     (["bench", "scoring"], ["--json", "s.json", "--items", "7", "--context-fields", "2", "3", "--ranks", "2",
                             "--tensorfm-orders", "2+3", "3", "--models", "fm", "tensorfm", "--fields", "6", "--dim", "4",
                             "--vocab-size", "9", "--warmup", "0", "--repeats", "2", "--seed", "1"],
@@ -132,6 +142,9 @@ INVALID = [
     (["experiment", "baselines"], ["--data", "d", "--out", "o", "--myfm-iterations", "0"],
      "--myfm-iterations: Input should be greater than or equal to 1"),
     (["experiment", "baselines"], ["--data", "d", "--out", "o", "--surprise", "KNN"], "--surprise: Input should be 'BaselineOnly', 'SVD' or 'SVD++'"),
+    (["train-gibbs"], ["--data", "d", "--out", "o", "--iterations", "5", "--burn-in", "5"],
+     "burn_in 5 leaves no sample of 5 iterations"),
+    (["train-gibbs"], ["--data", "d", "--out", "o", "--priors", "user"], "--priors: Input should be 'shared' or 'field'"),
     (["bench", "scoring"], ["--tensorfm-orders", "2", "2x3"], "--tensorfm-orders: String should match pattern"),
     (["bench", "scoring"], ["--repeats", "0"], "--repeats: Input should be greater than 0"),
     (["bench", "scoring"], ["--fields", "8", "--context-fields", "8"], "every --context-fields must be below --fields"),

@@ -3,32 +3,20 @@ FwFM and DPLR-FwFM trained with it clearly beat the best linear model on the sam
 features, which sees no pairs, and converge within the epoch cap. (They stay ~0.06 AUC
 below the planted model's own AUC on this little data; the linear model ~0.10.)"""
 
-import json
-
 import pytest
 import torch
 
-from model_zoo.data.synth import SynthConfig, write_synthetic
+from model_zoo.bayes_fm import one_hot
 from model_zoo.models.base import INTERACTION_L2_SHARE
 from model_zoo.models.pruned_fwfm import PrunedFwFM
 from model_zoo.registry import build_model
-from model_zoo.synthetic import PlantedConfig
 from model_zoo.training import TrainConfig, evaluate, fit_in_memory, minibatches, uses_sparse_gradients
-from rayjobs.baselines import linear_model, one_hot
-from rayjobs.tune import load_splits
+from rayjobs.baselines import linear_model
 
 
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    path = tmp_path_factory.mktemp("recipe") / "planted"
-    config = PlantedConfig(context_fields=3, item_fields=3, vocab_size=20, structure="dplr", rank=2, seed=7)
-    write_synthetic(path, SynthConfig(planted=config, rows=12000, progress=False))
-    return load_splits(path), json.loads((path / "stats.json").read_text())["oracle"]["test"]["auc"]
-
-
-@pytest.fixture(scope="module")
-def linear_auc(planted):
-    splits, _ = planted
+def linear_auc(planted_clicks):
+    splits, _ = planted_clicks
     features = {name: one_hot(splits.schema, getattr(splits, name)) for name in ("train", "valid", "test")}
     return linear_model(splits, features)["test"]["auc"]
 
@@ -37,8 +25,8 @@ def linear_auc(planted):
 # under L2, still gains 0.003 validation AUC over epochs 40-50 (test AUC 0.795 at the cap);
 # at 0.1 it converges (best epoch 29 of 33, test 0.801).
 @pytest.mark.parametrize("kind, options, learning_rate", [("fwfm", {}, 0.1), ("dplr_fwfm", {"rank": 2}, 0.05)])
-def test_default_recipe_learns_the_planted_interactions(planted, linear_auc, kind, options, learning_rate):
-    splits, oracle = planted
+def test_default_recipe_learns_the_planted_interactions(planted_clicks, linear_auc, kind, options, learning_rate):
+    splits, oracle = planted_clicks
     config = TrainConfig(learning_rate=learning_rate)
     model = build_model(splits.schema, kind, 8, sparse=uses_sparse_gradients(config.optimizer), **options)
     result = fit_in_memory(model, config, splits.train, splits.valid)
@@ -52,10 +40,10 @@ def test_default_recipe_learns_the_planted_interactions(planted, linear_auc, kin
     ("dplr_fwfm", {"rank": 2}, ["factor_matrix", "eigen"]),
     ("tensorfm", {"orders": [2, 3], "cp_ranks": [1, 2]}, ["factors.0", "factors.1"]),
 ])  # fmt: skip
-def test_l2_reaches_the_interaction_parameters(planted, kind, options, parameters):
+def test_l2_reaches_the_interaction_parameters(planted_clicks, kind, options, parameters):
     """Unpenalised, FwFM's R and DPLR's U, e let those models overfit where FM, which has
     none, does not (MovieLens sample: FwFM test RMSE 0.979 against FM's 0.970)."""
-    splits, _ = planted
+    splits, _ = planted_clicks
     model = build_model(splits.schema, kind, 4, **options).train()
     batch = splits.train.rows(torch.arange(5))
     named = dict(model.named_parameters())
