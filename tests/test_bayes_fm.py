@@ -7,6 +7,7 @@ import torch
 
 from model_zoo.batch import FeatureBatch
 from model_zoo.bundle import load_bundle
+from model_zoo import bayes_fm
 from model_zoo.bayes_fm import (
     GibbsConfig,
     _sample_factor,
@@ -138,3 +139,11 @@ def test_train_gibbs_writes_a_bundle_that_loads_and_scores_as_its_metrics_say(tm
     assert bundle.config["train"]["gibbs"]["iterations"] == 20
     test = evaluate(bundle.model, [load_splits(data).test])
     assert test["auc"] == pytest.approx(bundle.metrics["test"]["auc"], abs=1e-6)
+
+
+def test_the_kept_vectors_are_thinned_evenly_to_stay_within_the_byte_budget(monkeypatch):
+    schema = rating_schema()
+    per_sample = schema.total_vocab * 2 * 4  # float32 vectors of dim 2
+    monkeypatch.setattr(bayes_fm, "SAMPLE_BYTES", 3 * per_sample)
+    posterior = gibbs_fm(schema, planted_ratings(300, seed=1), GibbsConfig(dim=2, iterations=12, burn_in=2))
+    assert posterior.samples.shape[0] == 3  # sweeps 2, 6 and 10 of the 10 after the burn-in (stride 4)
