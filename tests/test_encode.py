@@ -397,3 +397,32 @@ def test_all_packed_batches_take_one_lookup_and_encode_like_lists() -> None:
     strict = AuctionEncoder(INTEGER_SCHEMA, INTEGER_VOCABULARY, missing="error")
     lacking = decoded("m", {"user": "u2"}, {"item_id": [1], "features": {"slot": pack_column([1])}})
     assert strict.encode_many([lacking]).errors[0][1].reason == Reason.missing_field
+
+
+def test_integer_columns_take_one_lookup_and_encode_like_the_per_field_path() -> None:
+    """Columns of plain integers (contexts as maps of integers, items as lists) map in
+    one compiled lookup to the indices each field's mapper gives the same values;
+    booleans, missing values, strings and integers beyond int64 take the per-field path."""
+    vocabulary = Vocabulary(
+        [
+            FieldVocabulary("user", ["3", str(2**64 - 1)]),
+            FieldVocabulary("campaign", ["7", "05", "-3", "x", " 6", "+8", str(2**63 - 1)]),
+            FieldVocabulary("slot", ["1", "2", "3"]),
+        ]
+    )
+    encoder = AuctionEncoder(INTEGER_SCHEMA, vocabulary)
+
+    def per_field(side, columns: list) -> list[list[int]]:
+        return [[side.mappers[name].index(v) for v in column] for name, column in zip(side.names, columns)]
+
+    items = [[7, 5, -3, 6, 8, 2**63 - 1, 99, -(2**63)], [1, 2, 3, 4, 0, 1, 2, 3]]
+    assert encoder.item_side.integer_batch(items, 8) is not None
+    assert encoder.item_side.batch(items, 8).single.T.tolist() == per_field(encoder.item_side, items)
+    assert encoder.item_side.batch(items, 8).single[:, 0].tolist() == [2, 1, 4, 1, 1, 8, 1, 1]
+    side = encoder.context_side
+    for users, fast in (([3, 5, -3], True), ([3, 2**64 - 1], False), ([3, True], False), ([3, None], False), (["3", 3], False)):
+        assert (side.integer_batch([users], len(users)) is not None) == fast
+        assert side.batch([users], len(users)).single.T.tolist() == per_field(side, [users])
+    assert side.batch([[3, 5, 2**64 - 1, True, None]], 5).single[:, 0].tolist() == [2, 1, 3, 1, 0]
+    contexts = [decoded(f"c{n}", {"user": user}, [{"item_id": 1, "features": {}}]) for n, user in enumerate([3, 5, 3])]
+    assert encoder.encode_many(contexts).context.single[:, 0].tolist() == [2, 1, 2]

@@ -197,6 +197,26 @@ def test_tensorfm_cached_context_and_catalog_equal_the_full_forward(schema, orde
 
 
 @pytest.mark.parametrize("kind", ["dplr_fwfm", "fm"])
+def test_compiled_context_encoding_equals_the_composed_reference(kind):
+    """Without autograd, contexts of single-valued fields take one compiled pass; its
+    query and context scalar equal the torch composition (``encode_context_composed``)."""
+    schema = FeatureSchema(
+        fields=tuple(FieldSpec(name=f"f{i}", role=Role.context if i < 5 else Role.item, vocab_size=30) for i in range(9))
+    )
+    rng = np.random.default_rng(6)
+    model = random_model(kind, schema, rank=3, seed=6)
+    contexts = random_rows(schema, schema.context_fields, 7, rng)
+    with torch.inference_mode():
+        compiled, composed = model.encode_context(contexts), model.encode_context_composed(contexts)
+    torch.testing.assert_close(compiled.query, composed.query, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(compiled.scalar, composed.scalar, rtol=1e-6, atol=1e-6)
+    assert (compiled.fields, compiled.item_fields) == (composed.fields, composed.item_fields)
+    out_of_range = FeatureBatch(contexts.fields, contexts.single_fields, contexts.single + schema.total_vocab, (), ())
+    with torch.inference_mode(), pytest.raises(IndexError):
+        model.encode_context(out_of_range)
+
+
+@pytest.mark.parametrize("kind", ["dplr_fwfm", "fm"])
 def test_compiled_serving_scores_equal_the_composed_reference(kind):
     """Without autograd, items of single-valued fields take one compiled pass; it equals
     the torch composition (``score_items_composed``) for shared and per-item contexts."""

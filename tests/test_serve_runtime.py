@@ -134,6 +134,40 @@ def test_cached_context_states_score_like_fresh_ones_for_every_model(kind: str) 
     assert cache.hits > 0
 
 
+def test_the_context_cache_evicts_the_least_recently_used_and_never_mixes_rows() -> None:
+    """Capacity 2: a hit refreshes an entry, a new context evicts the least recent one
+    (also one this batch hit, whose row was taken first), and a batch with more new
+    contexts than the capacity keeps its last ones; every state row is its context's."""
+    from model_zoo.batch import FeatureBatch
+    from model_zoo.models.low_rank import LowRankContext
+
+    encoded_rows: list[list[int]] = []
+
+    def encode_context(context: FeatureBatch) -> LowRankContext:
+        values = context.single[:, 0]
+        encoded_rows.append(values.tolist())
+        return LowRankContext(context.fields, (), torch.stack([values, -values], 1).float(), values.float() / 2)
+
+    cache = ContextCache(capacity=2)
+
+    def encode(*values: int) -> list[int]:
+        context = FeatureBatch(("user",), ("user",), torch.tensor([[v] for v in values]), (), ())
+        keys = [bytes([v]) for v in values]
+        state, row_of_context = cache.encode(encode_context, context, keys)
+        for value, row in zip(values, row_of_context.tolist()):
+            assert state.query[row].tolist() == [value, -value] and state.scalar[row].item() == value / 2
+        return encoded_rows.pop() if encoded_rows else []
+
+    assert encode(1, 2, 1) == [1, 2]
+    assert encode(1) == []  # a hit: 1 is now the most recent
+    assert encode(3) == [3]  # evicts 2
+    assert encode(2, 1) == [2]  # 1 hit, 2 encoded again, evicting 3
+    assert encode(1, 4, 5) == [4, 5]  # 4 evicts 2, 5 evicts 1 (already taken for this batch)
+    assert len(cache) == 2 and encode(4, 5) == []
+    assert encode(6, 7, 8) == [6, 7, 8] and encode(7, 8) == []  # more new than the capacity: the last two stay
+    assert (cache.lookups, cache.hits) == (16, 7)
+
+
 def test_each_bad_message_gets_its_reason_and_the_good_ones_are_scored(tmp_path: Path) -> None:
     runtime = ScoringRuntime(
         ModelConfig(bundle=str(make_bundle(tmp_path))), limits=ProtocolLimits(max_items=20)

@@ -44,6 +44,15 @@ class _ItemTables:
     scalar: Tensor  # (rows, 1): lin + ½ d_f ‖v‖² (single fields) or lin (bag fields)
     single_offsets: Tensor  # (S,) start of each single item field's rows in `table`
     bag_offsets: tuple[int, ...]  # start of each bag item field's rows in `table`
+    half_eigen: Tensor  # (ρk,) ½ e_r repeated k times: the weights of ‖P_I‖²
+
+
+@dataclass(frozen=True)
+class _ContextTables:
+    single_offsets: Tensor  # (S,) start of each single context field's rows in the embedding tables
+    factors: Tensor  # (ρ, S) U of the context fields
+    diagonal: Tensor  # (S,) d of the context fields
+    eigen: Tensor  # (ρ,) e
 
 
 class LowRankInteractionModel(CTRModel):
@@ -64,6 +73,24 @@ class LowRankInteractionModel(CTRModel):
 
     # -- Algorithm 1 --------------------------------------------------------------
     def encode_context(self, context: FeatureBatch) -> LowRankContext:
+        vectors = self.embedding.vectors.weight
+        if not context.bags and context.single_fields and not torch.is_grad_enabled() and _compiled_dtype(vectors):
+            # Serving: one compiled pass per context in place of about twenty small
+            # torch operations (their dispatch is most of a few contexts' cost).
+            tables = self._context_tables(context)
+            query = vectors.new_empty((len(context), tables.factors.shape[0] * self.dim))
+            scalar = vectors.new_empty(len(context))
+            _encode_single_contexts(
+                context.single.contiguous().numpy(), tables.single_offsets.numpy(), vectors.detach().numpy(),
+                self.embedding.linear.weight.detach().numpy(), tables.factors.numpy(), tables.diagonal.numpy(),
+                tables.eigen.numpy(), float(self.bias), query.numpy(), scalar.numpy(),
+            )  # fmt: skip
+            return LowRankContext(context.fields, self.item_fields_for(context.fields), query, scalar)
+        return self.encode_context_composed(context)
+
+    def encode_context_composed(self, context: FeatureBatch) -> LowRankContext:
+        """``encode_context`` from torch operations (any device, bags, autograd): the
+        reference the compiled serving path is tested against."""
         embedded = self.embedding(context)
         factors, eigen = self.factors()
         factors = factors[:, self.embedding.field_index(context.fields)]
@@ -89,12 +116,10 @@ class LowRankInteractionModel(CTRModel):
             if context_index is None and query.shape[0] != 1:
                 raise ValueError("several contexts encoded: pass context_index to pair items with them")
             out = query.new_empty(len(items))
-            _, eigen = self.factors()
-            half_eigen = (0.5 * eigen.repeat_interleave(self.dim)).contiguous()
             _score_single_items(
                 items.single.contiguous().numpy(), tables.single_offsets.numpy(), tables.projection.numpy(),
                 tables.scalar.numpy(), query.contiguous().numpy(), state.scalar.contiguous().numpy(),
-                index.contiguous().numpy(), half_eigen.numpy(), out.numpy(),
+                index.contiguous().numpy(), tables.half_eigen.numpy(), out.numpy(),
             )  # fmt: skip
             return out
         return self.score_items_composed(state, items, context_index)
@@ -142,6 +167,19 @@ class LowRankInteractionModel(CTRModel):
                 scalar = scalar + 0.5 * d[self.schema.index[name]] * mean_vector.pow(2).sum(-1)
         return projection, scalar
 
+    def _context_tables(self, context: FeatureBatch) -> _ContextTables:
+        def build() -> _ContextTables:
+            factors, eigen = self.factors()
+            factors = factors[:, self.embedding.field_index(context.fields)]
+            return _ContextTables(
+                single_offsets=self.embedding.offsets[self.embedding.field_index(context.single_fields)].contiguous(),
+                factors=factors.detach().contiguous(),
+                diagonal=self.diagonal(factors, eigen).detach().contiguous(),
+                eigen=eigen.detach().contiguous(),
+            )
+
+        return self.cached(("context_tables", context.fields, context.single_fields), build)
+
     def _tables(self, items: FeatureBatch) -> _ItemTables:
         return self.cached(("item_tables", items.fields, items.single_fields), lambda: self._build_tables(items))
 
@@ -169,6 +207,7 @@ class LowRankInteractionModel(CTRModel):
             scalar=torch.cat(scalars).detach().unsqueeze(1).contiguous(),
             single_offsets=torch.tensor([starts[n] for n in items.single_fields], dtype=torch.int64, device=device),
             bag_offsets=tuple(starts[n] for n in items.bag_fields),
+            half_eigen=(0.5 * eigen.repeat_interleave(self.dim)).detach().contiguous(),
         )
 
 
@@ -203,6 +242,42 @@ def _score_single_items(
         for k in range(width):
             products += item_projection[k] * (query[context, k] + half_eigen[k] * item_projection[k])
         out[n] = context_scalar[context] + item_scalar + products
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def _encode_single_contexts(
+    rows, offsets, vectors, linear, factors, diagonal, eigen, bias, query, scalar
+):  # pragma: no cover - compiled
+    """``encode_context_composed`` for contexts of single-valued fields: per context
+    P_C = U_C V_C, query = e ⊙ P_C and s_C = b + lin_C + ½(Σ d‖v‖² + Σ_r e_r‖P_C,r‖²)."""
+    contexts, fields = rows.shape
+    rank, dim = factors.shape[0], vectors.shape[1]
+    projection = np.empty((rank, dim), dtype=np.float32)
+    for a in range(contexts):
+        projection[:] = 0.0
+        linear_sum = np.float32(0.0)
+        diagonal_sum = np.float32(0.0)
+        for f in range(fields):
+            row = rows[a, f] + offsets[f]
+            if row < 0 or row >= vectors.shape[0]:
+                raise IndexError("embedding row out of range")
+            linear_sum += linear[row, 0]
+            square_norm = np.float32(0.0)
+            for k in range(dim):
+                square_norm += vectors[row, k] * vectors[row, k]
+            diagonal_sum += square_norm * diagonal[f]
+            for r in range(rank):
+                u = factors[r, f]
+                for k in range(dim):
+                    projection[r, k] += u * vectors[row, k]
+        eigen_sum = np.float32(0.0)
+        for r in range(rank):
+            square_norm = np.float32(0.0)
+            for k in range(dim):
+                square_norm += projection[r, k] * projection[r, k]
+                query[a, r * dim + k] = eigen[r] * projection[r, k]
+            eigen_sum += square_norm * eigen[r]
+        scalar[a] = np.float32(bias) + linear_sum + np.float32(0.5) * (diagonal_sum + eigen_sum)
 
 
 # -- the training-time pairwise term on CPU, one compiled pass per direction ---------
