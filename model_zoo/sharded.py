@@ -12,9 +12,9 @@ is the true one. One step on each rank:
      on the tables as they are, so every model works unchanged;
   3. after backward, each table's sparse gradient is summed per distinct row and the
      sums for others' rows go back to their owners (the reverse ``all_to_all_single``);
-     each owner sets what it received plus its own rows' sums as the tables' sparse
-     gradients: the optimizer (fused or row-wise Adagrad, SGD, …) updates the owned
-     rows only, summing what several ranks sent for one row;
+     each owner adds what it received to its own rows' sums, per distinct row, and sets
+     them as the tables' coalesced sparse gradients: the optimizer (fused or row-wise
+     Adagrad, SGD, …) updates the owned rows only;
   4. dense parameters' gradients go in one flat all-reduce (sum), in flight while
      the row gradients travel.
 Each rank weights its mean loss by its share of the global batch (B_r / B), so the
@@ -42,7 +42,8 @@ from torch import Tensor, nn
 
 from model_zoo.batch import FeatureBatch
 from model_zoo.models.base import RankingModel
-from model_zoo.optim import _distinct_rows, _summed_gradients
+from model_zoo.embedding import _gather_rows, prefetch
+from model_zoo.optim import _PREFETCH_AHEAD, _check_rows, _distinct_rows, _summed_gradients
 
 
 class ShardedExchange:
@@ -70,7 +71,8 @@ class ShardedExchange:
         self.collectives = 0
         self.rows = rows
         self._step: _StepRows | None = None
-        self._slot = np.empty(0, dtype=np.int32)  # scratch: row → position
+        self._slot = np.empty(0, dtype=np.int32)  # scratch: row → position among the batch's distinct rows
+        self._owner_slot = np.empty(0, dtype=np.int32)  # and among the rows this owner gets gradients for
         self._scratch = np.empty(0, dtype=np.float32)
 
     # -- before forward ----------------------------------------------------------------
@@ -82,10 +84,12 @@ class ShardedExchange:
         rows = self.batch_rows(batch).cpu().numpy()
         if self._slot.shape[0] < self.rows:
             self._slot = np.empty(self.rows, dtype=np.int32)
-        unique, _ = _distinct_rows(np.sort(rows), rows[:0], self._slot)
+            self._owner_slot = np.empty(self.rows, dtype=np.int32)
         # Rows of other owners, grouped by owner, then this rank's own: those are true
         # here already and never travel.
-        ordered, counts = _by_owner(unique, self.world, self.rank, self._slot)
+        sorted_rows = np.sort(rows)
+        _check_rows(sorted_rows, self.rows)  # the compiled passes index without bounds checks
+        ordered, counts = _grouped_distinct(sorted_rows, self.world, self.rank, self._slot)
         counts[self.rank] = 0
         header = torch.stack([torch.from_numpy(counts), torch.full((self.world,), len(batch))], dim=1).to(self.device)
         received_header = torch.empty_like(header)
@@ -93,19 +97,24 @@ class ShardedExchange:
         send_counts, receive_counts = counts.tolist(), received_header[:, 0].tolist()
         travelling = sum(send_counts)
         requested = torch.empty(sum(receive_counts), dtype=torch.int32)
+        owner_rows, owner_positions = ordered[:0], np.empty(0, dtype=np.int32)
         if self.tables:
             self._all_to_all(requested, torch.from_numpy(ordered[:travelling].astype(np.int32)), receive_counts, send_counts)
             with torch.no_grad():
                 owned_rows = torch.empty(len(requested), self.width)
                 for table, (lo, hi) in zip(self.tables, self.columns):
-                    _read_rows(table.detach().numpy(), requested.numpy(), owned_rows.numpy(), lo)
+                    _gather_rows(table.detach().numpy(), requested.numpy(), owned_rows.numpy()[:, lo:hi])
                 fetched = torch.empty(travelling, self.width)
                 self._all_to_all(fetched, owned_rows, send_counts, receive_counts, rows=self.width)
                 for table, (lo, hi) in zip(self.tables, self.columns):
                     _write_rows(table.detach().numpy(), ordered[:travelling], fetched.numpy(), lo)
                     table.view(-1)[:1].add_(0)  # bump the version counter (derived caches key on it)
-        own = torch.from_numpy(ordered[travelling:])
-        self._step = _StepRows(len(ordered), torch.cat([requested.to(torch.int64), own]), send_counts, receive_counts)
+            # The rows whose gradients this owner will hold: those asked of it, then its
+            # own; their distinct ascending set and each one's place in it (the gradients
+            # arrive coalesced there, so the optimizer neither sorts nor sums them again).
+            owner_lookups = np.concatenate([requested.numpy(), ordered[travelling:]])
+            owner_rows, owner_positions = _distinct_rows(np.sort(owner_lookups), owner_lookups, self._owner_slot)
+        self._step = _StepRows(len(ordered), travelling, owner_rows, owner_positions, send_counts, receive_counts)
         return len(batch) / float(received_header[:, 1].sum())
 
     def batch_rows(self, batch: FeatureBatch) -> Tensor:
@@ -130,9 +139,10 @@ class ShardedExchange:
             self.collectives += 1
             self.bytes_sent += 2 * flat.numel() * flat.element_size() * (self.world - 1) // self.world
         if self.tables:
-            summed = torch.zeros(step.rows, self.width)  # in the order of the distinct rows (others' first)
+            summed = np.empty((step.rows, self.width), dtype=np.float32)  # in the order of the distinct rows (others' first)
             for table, (lo, hi) in zip(self.tables, self.columns):
                 if table.grad is None:
+                    summed[:, lo:hi] = 0.0
                     continue
                 if not table.grad.is_sparse:
                     raise ValueError("a sharded table needs sparse gradients")
@@ -142,15 +152,17 @@ class ShardedExchange:
                     self._scratch = np.empty(step.rows * (hi - lo), dtype=np.float32)
                 # Summed in a compact block, then copied in: summing straight into the
                 # (U, W) block's columns measured 2x slower.
-                summed[:, lo:hi] = torch.from_numpy(_summed_gradients(positions, step.rows, values, self._scratch))
-            travelling = sum(step.send_counts)
-            received = summed.new_empty(len(step.requested) - (step.rows - travelling), self.width)
-            self._all_to_all(received, summed[:travelling], step.receive_counts, step.send_counts, rows=self.width)
-            # The owner's gradient: the rows others asked for (what they sent), then its own.
-            values = torch.cat([received, summed[travelling:]])
-            indices = step.requested.unsqueeze(0)
+                summed[:, lo:hi] = _summed_gradients(positions, step.rows, values, self._scratch)
+            received = torch.empty(len(step.owner_positions) - (step.rows - step.travelling), self.width)
+            self._all_to_all(received, torch.from_numpy(summed[: step.travelling]), step.receive_counts, step.send_counts, rows=self.width)
+            # The owner's gradient, coalesced: what others sent for its rows plus its own sums.
+            asked = len(received)
+            indices = torch.from_numpy(step.owner_rows).unsqueeze(0)
             for table, (lo, hi) in zip(self.tables, self.columns):
-                table.grad = torch.sparse_coo_tensor(indices, values[:, lo:hi].contiguous(), table.shape, check_invariants=False)
+                coalesced = np.zeros((len(step.owner_rows), hi - lo), dtype=np.float32)
+                _add_rows(step.owner_positions[:asked], received.numpy(), lo, coalesced)
+                _add_rows(step.owner_positions[asked:], summed[step.travelling :], lo, coalesced)
+                table.grad = torch.sparse_coo_tensor(indices, torch.from_numpy(coalesced), table.shape, check_invariants=False, is_coalesced=True)
         if pending is not None:
             pending.wait()
             for parameter, value in zip(self.dense, flat.split([p.numel() for p in self.dense])):
@@ -186,18 +198,21 @@ class _StepRows:
     """One step's row bookkeeping between ``gather`` and ``reduce_gradients``."""
 
     rows: int  # distinct rows of the local batch (others' grouped by owner, then own)
-    requested: Tensor  # rows other ranks asked of this owner, then its own
+    travelling: int  # of them, the others' (the first ones)
+    owner_rows: np.ndarray  # distinct ascending rows this owner gets gradients for
+    owner_positions: np.ndarray  # per row asked of this owner, then per own row: its place in owner_rows
     send_counts: list[int]
     receive_counts: list[int]
 
 
 @numba.njit(cache=True, nogil=True)
-def _by_owner(distinct, world, rank, slot):  # pragma: no cover - compiled
-    """``distinct`` regrouped: rows of owners 0..N-1 except ``rank``, then ``rank``'s own
-    (ascending within each); per-owner counts; slot[row] = the row's new position."""
+def _grouped_distinct(sorted_rows, world, rank, slot):  # pragma: no cover - compiled
+    """The distinct rows of ``sorted_rows``: those of owners 0..N-1 except ``rank``, then
+    ``rank``'s own (ascending within each); per-owner counts; slot[row] = its position."""
     counts = np.zeros(world, dtype=np.int64)
-    for i in range(distinct.shape[0]):
-        counts[distinct[i] % world] += 1
+    for i in range(sorted_rows.shape[0]):
+        if i == 0 or sorted_rows[i] != sorted_rows[i - 1]:
+            counts[sorted_rows[i] % world] += 1
     starts = np.empty(world, dtype=np.int64)
     position = 0
     for owner in range(world):
@@ -205,32 +220,33 @@ def _by_owner(distinct, world, rank, slot):  # pragma: no cover - compiled
             starts[owner] = position
             position += counts[owner]
     starts[rank] = position
-    ordered = np.empty_like(distinct)
-    for i in range(distinct.shape[0]):
-        row = distinct[i]
-        owner = row % world
-        ordered[starts[owner]] = row
-        slot[row] = starts[owner]
-        starts[owner] += 1
+    ordered = np.empty(position + counts[rank], dtype=sorted_rows.dtype)
+    for i in range(sorted_rows.shape[0]):
+        row = sorted_rows[i]
+        if i == 0 or row != sorted_rows[i - 1]:
+            owner = row % world
+            ordered[starts[owner]] = row
+            slot[row] = starts[owner]
+            starts[owner] += 1
     return ordered, counts
 
 
 @numba.njit(cache=True, nogil=True)
-def _read_rows(table, rows, out, column):  # pragma: no cover - compiled
-    """out[i, column:column + width] = table[rows[i]]."""
-    count, width = table.shape
+def _write_rows(table, rows, values, column):  # pragma: no cover - compiled
+    """table[rows[i]] = values[i, column:column + width] (prefetching rows ahead, as the lookups)."""
+    width = table.shape[1]
+    row_bytes = width * table.itemsize
     for i in range(rows.shape[0]):
-        row = rows[i]
-        if row < 0 or row >= count:
-            raise IndexError("row outside the table")
+        if i + _PREFETCH_AHEAD < rows.shape[0]:
+            prefetch(table.ctypes.data + rows[i + _PREFETCH_AHEAD] * row_bytes)
         for j in range(width):
-            out[i, column + j] = table[row, j]
+            table[rows[i], j] = values[i, column + j]
 
 
 @numba.njit(cache=True, nogil=True)
-def _write_rows(table, rows, values, column):  # pragma: no cover - compiled
-    """table[rows[i]] = values[i, column:column + width]."""
-    width = table.shape[1]
-    for i in range(rows.shape[0]):
+def _add_rows(positions, values, column, out):  # pragma: no cover - compiled
+    """out[positions[i]] += values[i, column:column + width]."""
+    width = out.shape[1]
+    for i in range(positions.shape[0]):
         for j in range(width):
-            table[rows[i], j] = values[i, column + j]
+            out[positions[i], j] += values[i, column + j]
