@@ -100,14 +100,16 @@ class ShardedExchange:
         owner_rows, owner_positions = ordered[:0], np.empty(0, dtype=np.int32)
         if self.tables:
             self._all_to_all(requested, torch.from_numpy(ordered[:travelling].astype(np.int32)), receive_counts, send_counts)
+            # numpy blocks: torch's allocator returns blocks this large to the OS, and each
+            # fresh one page-faults in again every step.
             with torch.no_grad():
-                owned_rows = torch.empty(len(requested), self.width)
+                owned_rows = np.empty((len(requested), self.width), dtype=np.float32)
                 for table, (lo, hi) in zip(self.tables, self.columns):
-                    _gather_rows(table.detach().numpy(), requested.numpy(), owned_rows.numpy()[:, lo:hi])
-                fetched = torch.empty(travelling, self.width)
-                self._all_to_all(fetched, owned_rows, send_counts, receive_counts, rows=self.width)
+                    _gather_rows(table.detach().numpy(), requested.numpy(), owned_rows[:, lo:hi])
+                fetched = np.empty((travelling, self.width), dtype=np.float32)
+                self._all_to_all(torch.from_numpy(fetched), torch.from_numpy(owned_rows), send_counts, receive_counts, rows=self.width)
                 for table, (lo, hi) in zip(self.tables, self.columns):
-                    _write_rows(table.detach().numpy(), ordered[:travelling], fetched.numpy(), lo)
+                    _write_rows(table.detach().numpy(), ordered[:travelling], fetched, lo)
                     table.view(-1)[:1].add_(0)  # bump the version counter (derived caches key on it)
             # The rows whose gradients this owner will hold: those asked of it, then its
             # own; their distinct ascending set and each one's place in it (the gradients
@@ -140,27 +142,31 @@ class ShardedExchange:
             self.bytes_sent += 2 * flat.numel() * flat.element_size() * (self.world - 1) // self.world
         if self.tables:
             summed = np.empty((step.rows, self.width), dtype=np.float32)  # in the order of the distinct rows (others' first)
+            last: tuple[np.ndarray, np.ndarray] | None = None  # tables looked up with the same rows share their positions
             for table, (lo, hi) in zip(self.tables, self.columns):
                 if table.grad is None:
                     summed[:, lo:hi] = 0.0
                     continue
                 if not table.grad.is_sparse:
                     raise ValueError("a sharded table needs sparse gradients")
-                positions = self._slot[table.grad._indices()[0].numpy()]
+                lookups = table.grad._indices()[0].numpy()
+                if last is None or not np.array_equal(last[0], lookups):
+                    last = (lookups, _positions(lookups, self._slot))
+                positions = last[1]
                 values = table.grad._values().reshape(-1, hi - lo).contiguous().numpy()
                 if self._scratch.shape[0] < step.rows * (hi - lo):
                     self._scratch = np.empty(step.rows * (hi - lo), dtype=np.float32)
                 # Summed in a compact block, then copied in: summing straight into the
                 # (U, W) block's columns measured 2x slower.
                 summed[:, lo:hi] = _summed_gradients(positions, step.rows, values, self._scratch)
-            received = torch.empty(len(step.owner_positions) - (step.rows - step.travelling), self.width)
-            self._all_to_all(received, torch.from_numpy(summed[: step.travelling]), step.receive_counts, step.send_counts, rows=self.width)
+            received = np.empty((len(step.owner_positions) - (step.rows - step.travelling), self.width), dtype=np.float32)
+            self._all_to_all(torch.from_numpy(received), torch.from_numpy(summed[: step.travelling]), step.receive_counts, step.send_counts, rows=self.width)
             # The owner's gradient, coalesced: what others sent for its rows plus its own sums.
             asked = len(received)
             indices = torch.from_numpy(step.owner_rows).unsqueeze(0)
             for table, (lo, hi) in zip(self.tables, self.columns):
                 coalesced = np.zeros((len(step.owner_rows), hi - lo), dtype=np.float32)
-                _add_rows(step.owner_positions[:asked], received.numpy(), lo, coalesced)
+                _add_rows(step.owner_positions[:asked], received, lo, coalesced)
                 _add_rows(step.owner_positions[asked:], summed[step.travelling :], lo, coalesced)
                 table.grad = torch.sparse_coo_tensor(indices, torch.from_numpy(coalesced), table.shape, check_invariants=False, is_coalesced=True)
         if pending is not None:
@@ -229,6 +235,17 @@ def _grouped_distinct(sorted_rows, world, rank, slot):  # pragma: no cover - com
             slot[row] = starts[owner]
             starts[owner] += 1
     return ordered, counts
+
+
+@numba.njit(cache=True, nogil=True)
+def _positions(lookups, slot):  # pragma: no cover - compiled
+    """slot[lookups] (prefetching slots ahead: the lookups are random rows of a large table)."""
+    out = np.empty(lookups.shape[0], dtype=np.int32)
+    for i in range(lookups.shape[0]):
+        if i + _PREFETCH_AHEAD < lookups.shape[0]:
+            prefetch(slot.ctypes.data + lookups[i + _PREFETCH_AHEAD] * slot.itemsize)
+        out[i] = slot[lookups[i]]
+    return out
 
 
 @numba.njit(cache=True, nogil=True)
