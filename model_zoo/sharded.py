@@ -5,8 +5,10 @@ Row r of every sparse table (``nn.Embedding(sparse=True)``; all index the schema
 global rows) belongs to rank r mod N, whose copy of it — and of its optimizer state —
 is the true one. One step on each rank:
   1. the batch's distinct global rows that other ranks own, grouped by owner, go to
-     their owners (``all_to_all_single`` of the ids; first a tiny one of the counts
-     and batch sizes); its own rows are true locally and never travel;
+     their owners in one ``all_to_all_single`` of equal chunks (a header of counts and
+     batch size, then the ids up to a capacity all ranks agree on from the last step's
+     headers; the rare ids past it follow in a second one); its own rows are true
+     locally and never travel;
   2. the owners send those rows of every table back (one (rows, Σ widths) float
      block), and they are written into the local tables: forward and backward then run
      on the tables as they are, so every model works unchanged;
@@ -19,10 +21,10 @@ is the true one. One step on each rank:
      the row gradients travel.
 Each rank weights its mean loss by its share of the global batch (B_r / B), so the
 summed gradients are those of the mean loss over the concatenated batch, L2 on the
-looked-up rows included. Bytes per rank and step: ids 4·U, rows and gradients 4·U·W
-each way (U the distinct rows of the local batch that others own, about (N−1)/N of
-them; W the tables' summed widths) plus the ring all-reduce's ~2·4·D for D dense
-values — none of it grows with N.
+looked-up rows included. Bytes per rank and step: ids 4·U (a quarter more with the
+chunks' headroom), rows and gradients 4·U·W each way (U the distinct rows of the local
+batch that others own, about (N−1)/N of them; W the tables' summed widths) plus the ring
+all-reduce's ~2·4·D for D dense values — none of it grows with N.
 
 Rows a rank does not own go stale between steps (they are refreshed before each use);
 ``consolidate`` makes every rank's tables and optimizer state whole again (before
@@ -74,6 +76,7 @@ class ShardedExchange:
         self._slot = np.empty(0, dtype=np.int32)  # scratch: row → position among the batch's distinct rows
         self._owner_slot = np.empty(0, dtype=np.int32)  # and among the rows this owner gets gradients for
         self._scratch = np.empty(0, dtype=np.float32)
+        self._capacity = 0  # ids per owner in the first all-to-all (agreed by all ranks)
 
     # -- before forward ----------------------------------------------------------------
     def gather(self, batch: FeatureBatch) -> float:
@@ -91,15 +94,14 @@ class ShardedExchange:
         _check_rows(sorted_rows, self.rows)  # the compiled passes index without bounds checks
         ordered, counts = _grouped_distinct(sorted_rows, self.world, self.rank, self._slot)
         counts[self.rank] = 0
-        header = torch.stack([torch.from_numpy(counts), torch.full((self.world,), len(batch))], dim=1).to(self.device)
-        received_header = torch.empty_like(header)
-        self._all_to_all(received_header, header)
-        send_counts, receive_counts = counts.tolist(), received_header[:, 0].tolist()
+        if not self.tables:
+            counts[:] = 0  # nothing to fetch: only the batch sizes travel
+        requested, receive_counts, batch_rows = self._send_ids(ordered, counts, len(batch))
+        send_counts = counts.tolist()
         travelling = sum(send_counts)
-        requested = torch.empty(sum(receive_counts), dtype=torch.int32)
+        requested = torch.from_numpy(requested)
         owner_rows, owner_positions = ordered[:0], np.empty(0, dtype=np.int32)
         if self.tables:
-            self._all_to_all(requested, torch.from_numpy(ordered[:travelling].astype(np.int32)), receive_counts, send_counts)
             # numpy blocks: torch's allocator returns blocks this large to the OS, and each
             # fresh one page-faults in again every step.
             with torch.no_grad():
@@ -117,7 +119,44 @@ class ShardedExchange:
             owner_lookups = np.concatenate([requested.numpy(), ordered[travelling:]])
             owner_rows, owner_positions = _distinct_rows(np.sort(owner_lookups), owner_lookups, self._owner_slot)
         self._step = _StepRows(len(ordered), travelling, owner_rows, owner_positions, send_counts, receive_counts)
-        return len(batch) / float(received_header[:, 1].sum())
+        return len(batch) / batch_rows
+
+    def _send_ids(self, ordered: np.ndarray, counts: np.ndarray, batch_size: int) -> tuple[np.ndarray, list[int], int]:
+        """Each owner gets the ids asked of it (``ordered``'s first rows, ``counts`` per
+        owner) in one all-to-all of equal chunks: a header (count, batch size, the sender's
+        largest count) and up to ``_capacity`` ids. Ids past the capacity follow in a
+        second all-to-all, which every rank calls alike because every rank reads every
+        sender's largest count. Returns the ids asked of this rank (ascending per asker,
+        askers in rank order), how many each asked, and the global batch's rows."""
+        capacity = self._capacity
+        starts = np.cumsum(counts) - counts
+        outgoing = np.zeros((self.world, _HEADER + capacity), dtype=np.int32)
+        outgoing[:, 0], outgoing[:, 1], outgoing[:, 2] = counts, batch_size, counts.max()
+        for owner in range(self.world):
+            ids = ordered[starts[owner] : starts[owner] + min(counts[owner], capacity)]
+            outgoing[owner, _HEADER : _HEADER + len(ids)] = ids
+        incoming = torch.empty(outgoing.shape, dtype=torch.int32, device=self.device)
+        self._all_to_all(incoming, torch.from_numpy(outgoing).to(self.device))
+        incoming = incoming.cpu().numpy()
+        asked = incoming[:, 0].astype(np.int64)
+        placed = np.cumsum(asked) - asked
+        requested = np.empty(int(asked.sum()), dtype=np.int32)
+        for asker in range(self.world):
+            fits = min(asked[asker], capacity)
+            requested[placed[asker] : placed[asker] + fits] = incoming[asker, _HEADER : _HEADER + fits]
+        largest = int(incoming[:, 2].max())
+        if largest > capacity:
+            beyond_sent = np.maximum(counts - capacity, 0)
+            beyond_asked = np.maximum(asked - capacity, 0)
+            sent = np.concatenate([ordered[starts[o] + capacity : starts[o] + counts[o]] for o in range(self.world)]).astype(np.int32)
+            beyond = torch.empty(int(beyond_asked.sum()), dtype=torch.int32)
+            self._all_to_all(beyond, torch.from_numpy(sent), beyond_asked.tolist(), beyond_sent.tolist())
+            for asker, chunk in enumerate(beyond.split(beyond_asked.tolist())):
+                requested[placed[asker] + capacity : placed[asker] + asked[asker]] = chunk.numpy()
+        # The same on every rank (from the same headers): room for the next step's ids
+        # with some headroom, so the second all-to-all stays rare.
+        self._capacity = largest + largest // 4
+        return requested, asked.tolist(), int(incoming[:, 1].sum())
 
     def batch_rows(self, batch: FeatureBatch) -> Tensor:
         """Every global row the batch looks up (with repeats), flat."""
@@ -197,6 +236,9 @@ class ShardedExchange:
         self.collectives += 1
         sent_to_others = input.numel() - (input_splits[self.rank] * rows if input_splits is not None else input.numel() // self.world)
         self.bytes_sent += sent_to_others * input.element_size()
+
+
+_HEADER = 3  # int32s before the ids in each all-to-all chunk: count, batch size, the sender's largest count
 
 
 @dataclass(frozen=True)
