@@ -109,15 +109,17 @@ class ShardedExchange:
                 for table, (lo, hi) in zip(self.tables, self.columns):
                     _gather_rows(table.detach().numpy(), requested.numpy(), owned_rows[:, lo:hi])
                 fetched = np.empty((travelling, self.width), dtype=np.float32)
-                self._all_to_all(torch.from_numpy(fetched), torch.from_numpy(owned_rows), send_counts, receive_counts, rows=self.width)
+                rows_sent = self._all_to_all(torch.from_numpy(fetched), torch.from_numpy(owned_rows), send_counts, receive_counts, rows=self.width, async_op=True)
+                # While the rows travel: the rows whose gradients this owner will hold (those
+                # asked of it, then its own), their distinct ascending set and each one's
+                # place in it (the gradients arrive coalesced there, so the optimizer neither
+                # sorts nor sums them again).
+                owner_lookups = np.concatenate([requested.numpy(), ordered[travelling:]])
+                owner_rows, owner_positions = _distinct_rows(np.sort(owner_lookups), owner_lookups, self._owner_slot)
+                rows_sent.wait()
                 for table, (lo, hi) in zip(self.tables, self.columns):
                     _write_rows(table.detach().numpy(), ordered[:travelling], fetched, lo)
                     table.view(-1)[:1].add_(0)  # bump the version counter (derived caches key on it)
-            # The rows whose gradients this owner will hold: those asked of it, then its
-            # own; their distinct ascending set and each one's place in it (the gradients
-            # arrive coalesced there, so the optimizer neither sorts nor sums them again).
-            owner_lookups = np.concatenate([requested.numpy(), ordered[travelling:]])
-            owner_rows, owner_positions = _distinct_rows(np.sort(owner_lookups), owner_lookups, self._owner_slot)
         self._step = _StepRows(len(ordered), travelling, owner_rows, owner_positions, send_counts, receive_counts)
         return len(batch) / batch_rows
 
@@ -199,15 +201,18 @@ class ShardedExchange:
                 # (U, W) block's columns measured 2x slower.
                 summed[:, lo:hi] = _summed_gradients(positions, step.rows, values, self._scratch)
             received = np.empty((len(step.owner_positions) - (step.rows - step.travelling), self.width), dtype=np.float32)
-            self._all_to_all(torch.from_numpy(received), torch.from_numpy(summed[: step.travelling]), step.receive_counts, step.send_counts, rows=self.width)
-            # The owner's gradient, coalesced: what others sent for its rows plus its own sums.
+            sums_sent = self._all_to_all(torch.from_numpy(received), torch.from_numpy(summed[: step.travelling]), step.receive_counts, step.send_counts, rows=self.width, async_op=True)
+            # The owner's gradient, coalesced: its own sums (added while the others' travel)
+            # plus what others sent for its rows.
             asked = len(received)
+            coalesced = [np.zeros((len(step.owner_rows), hi - lo), dtype=np.float32) for lo, hi in self.columns]
+            for block, (lo, hi) in zip(coalesced, self.columns):
+                _add_rows(step.owner_positions[asked:], summed[step.travelling :], lo, block)
+            sums_sent.wait()
             indices = torch.from_numpy(step.owner_rows).unsqueeze(0)
-            for table, (lo, hi) in zip(self.tables, self.columns):
-                coalesced = np.zeros((len(step.owner_rows), hi - lo), dtype=np.float32)
-                _add_rows(step.owner_positions[:asked], received, lo, coalesced)
-                _add_rows(step.owner_positions[asked:], summed[step.travelling :], lo, coalesced)
-                table.grad = torch.sparse_coo_tensor(indices, torch.from_numpy(coalesced), table.shape, check_invariants=False, is_coalesced=True)
+            for table, block, (lo, hi) in zip(self.tables, coalesced, self.columns):
+                _add_rows(step.owner_positions[:asked], received, lo, block)
+                table.grad = torch.sparse_coo_tensor(indices, torch.from_numpy(block), table.shape, check_invariants=False, is_coalesced=True)
         if pending is not None:
             pending.wait()
             for parameter, value in zip(self.dense, flat.split([p.numel() for p in self.dense])):
@@ -231,11 +236,12 @@ class ShardedExchange:
                 dist.all_reduce(tensor, group=self.group)
 
     def _all_to_all(self, output: Tensor, input: Tensor, output_splits: list[int] | None = None,
-                    input_splits: list[int] | None = None, rows: int = 1) -> None:
-        dist.all_to_all_single(output, input, output_splits, input_splits, group=self.group)
+                    input_splits: list[int] | None = None, rows: int = 1, async_op: bool = False) -> dist.Work | None:
+        work = dist.all_to_all_single(output, input, output_splits, input_splits, group=self.group, async_op=async_op)
         self.collectives += 1
         sent_to_others = input.numel() - (input_splits[self.rank] * rows if input_splits is not None else input.numel() // self.world)
         self.bytes_sent += sent_to_others * input.element_size()
+        return work
 
 
 _HEADER = 3  # int32s before the ids in each all-to-all chunk: count, batch size, the sender's largest count
