@@ -141,11 +141,15 @@ class FusedSparseAdagrad(torch.optim.Optimizer):
         if state["sum"].shape != expected_state:
             raise ValueError(f"accumulator of shape {tuple(state['sum'].shape)} does not fit {'row-wise' if rowwise else 'per-element'} updates")
         rows = grad._indices()[0].contiguous().numpy()
-        distinct, positions = self._distinct(rows, parameter.shape[0])
         grads = grad._values().reshape(-1, parameter.shape[1]).contiguous().numpy()
-        if self._summed.shape[0] < grads.size:
-            self._summed = np.empty(grads.size, dtype=np.float32)
-        summed = _summed_gradients(positions, distinct.shape[0], grads, self._summed)
+        if grad.is_coalesced():  # distinct ascending rows, summed already (the sharded owners')
+            _check_rows(rows, parameter.shape[0])
+            distinct, summed = rows, grads
+        else:
+            distinct, positions = self._distinct(rows, parameter.shape[0])
+            if self._summed.shape[0] < grads.size:
+                self._summed = np.empty(grads.size, dtype=np.float32)
+            summed = _summed_gradients(positions, distinct.shape[0], grads, self._summed)
         kernel = _rowwise_adagrad_rows if rowwise else _adagrad_rows
         kernel(parameter.numpy(), state["sum"].numpy(), distinct, summed, np.float32(group["lr"]), np.float32(group["eps"]))
         # Views share their base's version counter: bump it (derived caches key on it)

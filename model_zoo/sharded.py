@@ -5,24 +5,26 @@ Row r of every sparse table (``nn.Embedding(sparse=True)``; all index the schema
 global rows) belongs to rank r mod N, whose copy of it — and of its optimizer state —
 is the true one. One step on each rank:
   1. the batch's distinct global rows that other ranks own, grouped by owner, go to
-     their owners (``all_to_all_single`` of the ids; first a tiny one of the counts
-     and batch sizes); its own rows are true locally and never travel;
+     their owners in one ``all_to_all_single`` of equal chunks (a header of counts and
+     batch size, then the ids up to a capacity all ranks agree on from the last step's
+     headers; the rare ids past it follow in a second one); its own rows are true
+     locally and never travel;
   2. the owners send those rows of every table back (one (rows, Σ widths) float
      block), and they are written into the local tables: forward and backward then run
      on the tables as they are, so every model works unchanged;
   3. after backward, each table's sparse gradient is summed per distinct row and the
      sums for others' rows go back to their owners (the reverse ``all_to_all_single``);
-     each owner sets what it received plus its own rows' sums as the tables' sparse
-     gradients: the optimizer (fused or row-wise Adagrad, SGD, …) updates the owned
-     rows only, summing what several ranks sent for one row;
+     each owner adds what it received to its own rows' sums, per distinct row, and sets
+     them as the tables' coalesced sparse gradients: the optimizer (fused or row-wise
+     Adagrad, SGD, …) updates the owned rows only;
   4. dense parameters' gradients go in one flat all-reduce (sum), in flight while
      the row gradients travel.
 Each rank weights its mean loss by its share of the global batch (B_r / B), so the
 summed gradients are those of the mean loss over the concatenated batch, L2 on the
-looked-up rows included. Bytes per rank and step: ids 4·U, rows and gradients 4·U·W
-each way (U the distinct rows of the local batch that others own, about (N−1)/N of
-them; W the tables' summed widths) plus the ring all-reduce's ~2·4·D for D dense
-values — none of it grows with N.
+looked-up rows included. Bytes per rank and step: ids 4·U (a quarter more with the
+chunks' headroom), rows and gradients 4·U·W each way (U the distinct rows of the local
+batch that others own, about (N−1)/N of them; W the tables' summed widths) plus the ring
+all-reduce's ~2·4·D for D dense values — none of it grows with N.
 
 Rows a rank does not own go stale between steps (they are refreshed before each use);
 ``consolidate`` makes every rank's tables and optimizer state whole again (before
@@ -42,7 +44,8 @@ from torch import Tensor, nn
 
 from model_zoo.batch import FeatureBatch
 from model_zoo.models.base import RankingModel
-from model_zoo.optim import _distinct_rows, _summed_gradients
+from model_zoo.embedding import _gather_rows, prefetch
+from model_zoo.optim import _PREFETCH_AHEAD, _check_rows, _distinct_rows, _summed_gradients
 
 
 class ShardedExchange:
@@ -70,8 +73,10 @@ class ShardedExchange:
         self.collectives = 0
         self.rows = rows
         self._step: _StepRows | None = None
-        self._slot = np.empty(0, dtype=np.int32)  # scratch: row → position
+        self._slot = np.empty(0, dtype=np.int32)  # scratch: row → position among the batch's distinct rows
+        self._owner_slot = np.empty(0, dtype=np.int32)  # and among the rows this owner gets gradients for
         self._scratch = np.empty(0, dtype=np.float32)
+        self._capacity = 0  # ids per owner in the first all-to-all (agreed by all ranks)
 
     # -- before forward ----------------------------------------------------------------
     def gather(self, batch: FeatureBatch) -> float:
@@ -82,31 +87,78 @@ class ShardedExchange:
         rows = self.batch_rows(batch).cpu().numpy()
         if self._slot.shape[0] < self.rows:
             self._slot = np.empty(self.rows, dtype=np.int32)
-        unique, _ = _distinct_rows(np.sort(rows), rows[:0], self._slot)
+            self._owner_slot = np.empty(self.rows, dtype=np.int32)
         # Rows of other owners, grouped by owner, then this rank's own: those are true
         # here already and never travel.
-        ordered, counts = _by_owner(unique, self.world, self.rank, self._slot)
+        sorted_rows = np.sort(rows)
+        _check_rows(sorted_rows, self.rows)  # the compiled passes index without bounds checks
+        ordered, counts = _grouped_distinct(sorted_rows, self.world, self.rank, self._slot)
         counts[self.rank] = 0
-        header = torch.stack([torch.from_numpy(counts), torch.full((self.world,), len(batch))], dim=1).to(self.device)
-        received_header = torch.empty_like(header)
-        self._all_to_all(received_header, header)
-        send_counts, receive_counts = counts.tolist(), received_header[:, 0].tolist()
+        if not self.tables:
+            counts[:] = 0  # nothing to fetch: only the batch sizes travel
+        requested, receive_counts, batch_rows = self._send_ids(ordered, counts, len(batch))
+        send_counts = counts.tolist()
         travelling = sum(send_counts)
-        requested = torch.empty(sum(receive_counts), dtype=torch.int32)
+        requested = torch.from_numpy(requested)
+        owner_rows, owner_positions = ordered[:0], np.empty(0, dtype=np.int32)
         if self.tables:
-            self._all_to_all(requested, torch.from_numpy(ordered[:travelling].astype(np.int32)), receive_counts, send_counts)
+            # numpy blocks: torch's allocator returns blocks this large to the OS, and each
+            # fresh one page-faults in again every step.
             with torch.no_grad():
-                owned_rows = torch.empty(len(requested), self.width)
+                owned_rows = np.empty((len(requested), self.width), dtype=np.float32)
                 for table, (lo, hi) in zip(self.tables, self.columns):
-                    _read_rows(table.detach().numpy(), requested.numpy(), owned_rows.numpy(), lo)
-                fetched = torch.empty(travelling, self.width)
-                self._all_to_all(fetched, owned_rows, send_counts, receive_counts, rows=self.width)
+                    _gather_rows(table.detach().numpy(), requested.numpy(), owned_rows[:, lo:hi])
+                fetched = np.empty((travelling, self.width), dtype=np.float32)
+                rows_sent = self._all_to_all(torch.from_numpy(fetched), torch.from_numpy(owned_rows), send_counts, receive_counts, rows=self.width, async_op=True)
+                # While the rows travel: the rows whose gradients this owner will hold (those
+                # asked of it, then its own), their distinct ascending set and each one's
+                # place in it (the gradients arrive coalesced there, so the optimizer neither
+                # sorts nor sums them again).
+                owner_lookups = np.concatenate([requested.numpy(), ordered[travelling:]])
+                owner_rows, owner_positions = _distinct_rows(np.sort(owner_lookups), owner_lookups, self._owner_slot)
+                rows_sent.wait()
                 for table, (lo, hi) in zip(self.tables, self.columns):
-                    _write_rows(table.detach().numpy(), ordered[:travelling], fetched.numpy(), lo)
+                    _write_rows(table.detach().numpy(), ordered[:travelling], fetched, lo)
                     table.view(-1)[:1].add_(0)  # bump the version counter (derived caches key on it)
-        own = torch.from_numpy(ordered[travelling:])
-        self._step = _StepRows(len(ordered), torch.cat([requested.to(torch.int64), own]), send_counts, receive_counts)
-        return len(batch) / float(received_header[:, 1].sum())
+        self._step = _StepRows(len(ordered), travelling, owner_rows, owner_positions, send_counts, receive_counts)
+        return len(batch) / batch_rows
+
+    def _send_ids(self, ordered: np.ndarray, counts: np.ndarray, batch_size: int) -> tuple[np.ndarray, list[int], int]:
+        """Each owner gets the ids asked of it (``ordered``'s first rows, ``counts`` per
+        owner) in one all-to-all of equal chunks: a header (count, batch size, the sender's
+        largest count) and up to ``_capacity`` ids. Ids past the capacity follow in a
+        second all-to-all, which every rank calls alike because every rank reads every
+        sender's largest count. Returns the ids asked of this rank (ascending per asker,
+        askers in rank order), how many each asked, and the global batch's rows."""
+        capacity = self._capacity
+        starts = np.cumsum(counts) - counts
+        outgoing = np.zeros((self.world, _HEADER + capacity), dtype=np.int32)
+        outgoing[:, 0], outgoing[:, 1], outgoing[:, 2] = counts, batch_size, counts.max()
+        for owner in range(self.world):
+            ids = ordered[starts[owner] : starts[owner] + min(counts[owner], capacity)]
+            outgoing[owner, _HEADER : _HEADER + len(ids)] = ids
+        incoming = torch.empty(outgoing.shape, dtype=torch.int32, device=self.device)
+        self._all_to_all(incoming, torch.from_numpy(outgoing).to(self.device))
+        incoming = incoming.cpu().numpy()
+        asked = incoming[:, 0].astype(np.int64)
+        placed = np.cumsum(asked) - asked
+        requested = np.empty(int(asked.sum()), dtype=np.int32)
+        for asker in range(self.world):
+            fits = min(asked[asker], capacity)
+            requested[placed[asker] : placed[asker] + fits] = incoming[asker, _HEADER : _HEADER + fits]
+        largest = int(incoming[:, 2].max())
+        if largest > capacity:
+            beyond_sent = np.maximum(counts - capacity, 0)
+            beyond_asked = np.maximum(asked - capacity, 0)
+            sent = np.concatenate([ordered[starts[o] + capacity : starts[o] + counts[o]] for o in range(self.world)]).astype(np.int32)
+            beyond = torch.empty(int(beyond_asked.sum()), dtype=torch.int32)
+            self._all_to_all(beyond, torch.from_numpy(sent), beyond_asked.tolist(), beyond_sent.tolist())
+            for asker, chunk in enumerate(beyond.split(beyond_asked.tolist())):
+                requested[placed[asker] + capacity : placed[asker] + asked[asker]] = chunk.numpy()
+        # The same on every rank (from the same headers): room for the next step's ids
+        # with some headroom, so the second all-to-all stays rare.
+        self._capacity = largest + largest // 4
+        return requested, asked.tolist(), int(incoming[:, 1].sum())
 
     def batch_rows(self, batch: FeatureBatch) -> Tensor:
         """Every global row the batch looks up (with repeats), flat."""
@@ -130,27 +182,37 @@ class ShardedExchange:
             self.collectives += 1
             self.bytes_sent += 2 * flat.numel() * flat.element_size() * (self.world - 1) // self.world
         if self.tables:
-            summed = torch.zeros(step.rows, self.width)  # in the order of the distinct rows (others' first)
+            summed = np.empty((step.rows, self.width), dtype=np.float32)  # in the order of the distinct rows (others' first)
+            last: tuple[np.ndarray, np.ndarray] | None = None  # tables looked up with the same rows share their positions
             for table, (lo, hi) in zip(self.tables, self.columns):
                 if table.grad is None:
+                    summed[:, lo:hi] = 0.0
                     continue
                 if not table.grad.is_sparse:
                     raise ValueError("a sharded table needs sparse gradients")
-                positions = self._slot[table.grad._indices()[0].numpy()]
+                lookups = table.grad._indices()[0].numpy()
+                if last is None or not np.array_equal(last[0], lookups):
+                    last = (lookups, _positions(lookups, self._slot))
+                positions = last[1]
                 values = table.grad._values().reshape(-1, hi - lo).contiguous().numpy()
                 if self._scratch.shape[0] < step.rows * (hi - lo):
                     self._scratch = np.empty(step.rows * (hi - lo), dtype=np.float32)
                 # Summed in a compact block, then copied in: summing straight into the
                 # (U, W) block's columns measured 2x slower.
-                summed[:, lo:hi] = torch.from_numpy(_summed_gradients(positions, step.rows, values, self._scratch))
-            travelling = sum(step.send_counts)
-            received = summed.new_empty(len(step.requested) - (step.rows - travelling), self.width)
-            self._all_to_all(received, summed[:travelling], step.receive_counts, step.send_counts, rows=self.width)
-            # The owner's gradient: the rows others asked for (what they sent), then its own.
-            values = torch.cat([received, summed[travelling:]])
-            indices = step.requested.unsqueeze(0)
-            for table, (lo, hi) in zip(self.tables, self.columns):
-                table.grad = torch.sparse_coo_tensor(indices, values[:, lo:hi].contiguous(), table.shape, check_invariants=False)
+                summed[:, lo:hi] = _summed_gradients(positions, step.rows, values, self._scratch)
+            received = np.empty((len(step.owner_positions) - (step.rows - step.travelling), self.width), dtype=np.float32)
+            sums_sent = self._all_to_all(torch.from_numpy(received), torch.from_numpy(summed[: step.travelling]), step.receive_counts, step.send_counts, rows=self.width, async_op=True)
+            # The owner's gradient, coalesced: its own sums (added while the others' travel)
+            # plus what others sent for its rows.
+            asked = len(received)
+            coalesced = [np.zeros((len(step.owner_rows), hi - lo), dtype=np.float32) for lo, hi in self.columns]
+            for block, (lo, hi) in zip(coalesced, self.columns):
+                _add_rows(step.owner_positions[asked:], summed[step.travelling :], lo, block)
+            sums_sent.wait()
+            indices = torch.from_numpy(step.owner_rows).unsqueeze(0)
+            for table, block, (lo, hi) in zip(self.tables, coalesced, self.columns):
+                _add_rows(step.owner_positions[:asked], received, lo, block)
+                table.grad = torch.sparse_coo_tensor(indices, torch.from_numpy(block), table.shape, check_invariants=False, is_coalesced=True)
         if pending is not None:
             pending.wait()
             for parameter, value in zip(self.dense, flat.split([p.numel() for p in self.dense])):
@@ -174,11 +236,15 @@ class ShardedExchange:
                 dist.all_reduce(tensor, group=self.group)
 
     def _all_to_all(self, output: Tensor, input: Tensor, output_splits: list[int] | None = None,
-                    input_splits: list[int] | None = None, rows: int = 1) -> None:
-        dist.all_to_all_single(output, input, output_splits, input_splits, group=self.group)
+                    input_splits: list[int] | None = None, rows: int = 1, async_op: bool = False) -> dist.Work | None:
+        work = dist.all_to_all_single(output, input, output_splits, input_splits, group=self.group, async_op=async_op)
         self.collectives += 1
         sent_to_others = input.numel() - (input_splits[self.rank] * rows if input_splits is not None else input.numel() // self.world)
         self.bytes_sent += sent_to_others * input.element_size()
+        return work
+
+
+_HEADER = 3  # int32s before the ids in each all-to-all chunk: count, batch size, the sender's largest count
 
 
 @dataclass(frozen=True)
@@ -186,18 +252,21 @@ class _StepRows:
     """One step's row bookkeeping between ``gather`` and ``reduce_gradients``."""
 
     rows: int  # distinct rows of the local batch (others' grouped by owner, then own)
-    requested: Tensor  # rows other ranks asked of this owner, then its own
+    travelling: int  # of them, the others' (the first ones)
+    owner_rows: np.ndarray  # distinct ascending rows this owner gets gradients for
+    owner_positions: np.ndarray  # per row asked of this owner, then per own row: its place in owner_rows
     send_counts: list[int]
     receive_counts: list[int]
 
 
 @numba.njit(cache=True, nogil=True)
-def _by_owner(distinct, world, rank, slot):  # pragma: no cover - compiled
-    """``distinct`` regrouped: rows of owners 0..N-1 except ``rank``, then ``rank``'s own
-    (ascending within each); per-owner counts; slot[row] = the row's new position."""
+def _grouped_distinct(sorted_rows, world, rank, slot):  # pragma: no cover - compiled
+    """The distinct rows of ``sorted_rows``: those of owners 0..N-1 except ``rank``, then
+    ``rank``'s own (ascending within each); per-owner counts; slot[row] = its position."""
     counts = np.zeros(world, dtype=np.int64)
-    for i in range(distinct.shape[0]):
-        counts[distinct[i] % world] += 1
+    for i in range(sorted_rows.shape[0]):
+        if i == 0 or sorted_rows[i] != sorted_rows[i - 1]:
+            counts[sorted_rows[i] % world] += 1
     starts = np.empty(world, dtype=np.int64)
     position = 0
     for owner in range(world):
@@ -205,32 +274,44 @@ def _by_owner(distinct, world, rank, slot):  # pragma: no cover - compiled
             starts[owner] = position
             position += counts[owner]
     starts[rank] = position
-    ordered = np.empty_like(distinct)
-    for i in range(distinct.shape[0]):
-        row = distinct[i]
-        owner = row % world
-        ordered[starts[owner]] = row
-        slot[row] = starts[owner]
-        starts[owner] += 1
+    ordered = np.empty(position + counts[rank], dtype=sorted_rows.dtype)
+    for i in range(sorted_rows.shape[0]):
+        row = sorted_rows[i]
+        if i == 0 or row != sorted_rows[i - 1]:
+            owner = row % world
+            ordered[starts[owner]] = row
+            slot[row] = starts[owner]
+            starts[owner] += 1
     return ordered, counts
 
 
 @numba.njit(cache=True, nogil=True)
-def _read_rows(table, rows, out, column):  # pragma: no cover - compiled
-    """out[i, column:column + width] = table[rows[i]]."""
-    count, width = table.shape
-    for i in range(rows.shape[0]):
-        row = rows[i]
-        if row < 0 or row >= count:
-            raise IndexError("row outside the table")
-        for j in range(width):
-            out[i, column + j] = table[row, j]
+def _positions(lookups, slot):  # pragma: no cover - compiled
+    """slot[lookups] (prefetching slots ahead: the lookups are random rows of a large table)."""
+    out = np.empty(lookups.shape[0], dtype=np.int32)
+    for i in range(lookups.shape[0]):
+        if i + _PREFETCH_AHEAD < lookups.shape[0]:
+            prefetch(slot.ctypes.data + lookups[i + _PREFETCH_AHEAD] * slot.itemsize)
+        out[i] = slot[lookups[i]]
+    return out
 
 
 @numba.njit(cache=True, nogil=True)
 def _write_rows(table, rows, values, column):  # pragma: no cover - compiled
-    """table[rows[i]] = values[i, column:column + width]."""
+    """table[rows[i]] = values[i, column:column + width] (prefetching rows ahead, as the lookups)."""
     width = table.shape[1]
+    row_bytes = width * table.itemsize
     for i in range(rows.shape[0]):
+        if i + _PREFETCH_AHEAD < rows.shape[0]:
+            prefetch(table.ctypes.data + rows[i + _PREFETCH_AHEAD] * row_bytes)
         for j in range(width):
             table[rows[i], j] = values[i, column + j]
+
+
+@numba.njit(cache=True, nogil=True)
+def _add_rows(positions, values, column, out):  # pragma: no cover - compiled
+    """out[positions[i]] += values[i, column:column + width]."""
+    width = out.shape[1]
+    for i in range(positions.shape[0]):
+        for j in range(width):
+            out[positions[i], j] += values[i, column + j]

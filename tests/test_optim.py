@@ -41,9 +41,10 @@ class ReferenceRowwiseAdagrad(torch.optim.Optimizer):
                     parameter -= lr * grad / (state.sqrt() + eps)
 
 
-def run(make_optimizer, steps: int, seed: int = 0) -> list[torch.Tensor]:
+def run(make_optimizer, steps: int, seed: int = 0, coalesce: bool = False) -> list[torch.Tensor]:
     """Three sparse tables (two looked up with the same rows, one with others) and a
-    dense parameter, trained on batches with many duplicate rows."""
+    dense parameter, trained on batches with many duplicate rows (with ``coalesce``, the
+    sparse gradients coalesced before each step, as the sharded owners hand them)."""
     torch.manual_seed(seed)
     vectors = torch.nn.Embedding(50, 4, sparse=True)
     weights = torch.nn.Embedding(50, 1, sparse=True)  # same rows as `vectors`, like the linear weights
@@ -60,6 +61,9 @@ def run(make_optimizer, steps: int, seed: int = 0) -> list[torch.Tensor]:
         loss = ((prediction - target) ** 2).mean()
         optimizer.zero_grad()
         loss.backward()
+        if coalesce:
+            for parameter in parameters[:3]:
+                parameter.grad = parameter.grad.coalesce()
         optimizer.step()
     return [p.detach().clone() for p in parameters]
 
@@ -71,6 +75,14 @@ def test_fused_sparse_adagrad_equals_torch_adagrad():
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     start = run(lambda ps: FusedSparseAdagrad(ps, lr=0.1), steps=0)
     assert all(not torch.equal(got, initial) for got, initial in zip(fused, start))
+
+
+@pytest.mark.parametrize("rowwise", [False, True])
+def test_fused_adagrad_on_coalesced_gradients_equals_it_on_the_raw_ones(rowwise):
+    coalesced = run(lambda ps: FusedSparseAdagrad(ps, lr=0.1, rowwise=rowwise), steps=20, coalesce=True)
+    raw = run(lambda ps: FusedSparseAdagrad(ps, lr=0.1, rowwise=rowwise), steps=20)
+    for got, expected in zip(coalesced, raw):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_rowwise_adagrad_equals_the_plain_implementation():

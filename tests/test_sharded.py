@@ -16,8 +16,10 @@ from model_zoo.training import TrainConfig, Trainer
 
 MODELS = ("dplr_fwfm", "me_fm", "me_dnn")
 OPTIMIZERS = ("adagrad", "rowwise_adagrad")
-STEPS = 3
-BATCH_ROWS = (40, 24)  # unequal: the loss is the mean over the global batch
+# Rows per rank at each step, unequal: the loss is the mean over the global batch. The
+# second step asks for many more rows than the first, past the id capacity the first
+# one set: its ids travel partly in the second all-to-all.
+STEP_ROWS = ((6, 4), (40, 24), (40, 24))
 
 
 def schema() -> FeatureSchema:
@@ -33,9 +35,9 @@ def batches(seed: int) -> list[list[FeatureBatch]]:
     rng = np.random.default_rng(seed)
     spec = schema()
     steps = []
-    for _ in range(STEPS):
+    for step_rows in STEP_ROWS:
         per_rank = []
-        for rows in BATCH_ROWS:
+        for rows in step_rows:
             length = int(rng.integers(1, 4))
             weights = rng.uniform(0.5, 2.0, size=(rows, length)).astype(np.float32)
             weights[rng.random((rows, length)) < 0.3] = 0.0
