@@ -216,7 +216,7 @@ def gibbs_fm(schema: FeatureSchema, train: FeatureBatch, config: GibbsConfig, pr
     vectors = rng.normal(0.0, config.init_std, size=(n, k))
     latent = np.where(labels > 0.5, 1.0, -1.0) if binary else labels
     residual = latent - predict_sample(x.tocsr(), fields, m, bias, linear, vectors)
-    noise = 1.0  # the probit's latent noise stays 1
+    noise = 1.0  # ratings: sampled every sweep; the probit's latent noise stays 1
     linear_mean, linear_precision = np.zeros(g), np.ones(g)
     vector_mean, vector_precision = np.zeros((g, k)), np.ones((g, k))
     field_sum, total = np.zeros((count, m)), np.zeros(count)
@@ -271,14 +271,14 @@ def to_fm(schema: FeatureSchema, posterior: Posterior, export_dim: int) -> FM:
     ``export_dim`` it keeps the leading singular directions of that wide matrix with
     each row weighted by √(its training count + 1), so the pair weights <v_i, v_j> come
     out closest where features co-occur most (MovieLens sample, per-field priors, 64 of
-    1,560 directions: test RMSE 0.9528 weighted, 0.9579 unweighted, 0.9483 all of them). Clicks: the mean
-    latent over √(1 + its mean variance) stands in for the mean probability, and 1.702
-    turns the probit into a logit."""
+    1,560 directions: test RMSE 0.9528 weighted, 0.9579 unweighted, 0.9483 all of them).
+    Clicks: the mean latent over √(1 + its mean variance) stands in for the mean
+    probability, and 1.702 turns the probit into a logit."""
     samples, n, k = posterior.samples.shape
-    wide = torch.from_numpy(np.ascontiguousarray(posterior.samples.transpose(1, 0, 2)).reshape(n, samples * k)).double()
-    wide /= math.sqrt(samples)
+    wide = torch.from_numpy(np.ascontiguousarray(posterior.samples.transpose(1, 0, 2)).reshape(n, samples * k))
+    wide = wide / math.sqrt(samples)
     if samples * k > export_dim:
-        weight = torch.from_numpy(np.sqrt(posterior.column_counts.astype(np.float64) + 1.0))[:, None]
+        weight = torch.from_numpy(np.sqrt(posterior.column_counts + 1.0).astype(np.float32))[:, None]
         left, singular, _ = torch.svd_lowrank(wide * weight, q=min(export_dim + 10, samples * k), niter=4)
         wide = left[:, :export_dim] * singular[:export_dim] / weight
     scale = 1.0
