@@ -29,11 +29,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from model_zoo.batch import FeatureBatch
-from model_zoo.bayes_fm import GibbsConfig, gibbs_fm, one_hot, to_fm
+from model_zoo.bayes_fm import GibbsConfig, one_hot
 from model_zoo.metrics import constant_baseline, primary_metric, task_metrics
 from model_zoo.schema import FeatureSchema, Role, Task
 from model_zoo.training import TrainConfig, evaluate, fit_in_memory, minibatches, uses_sparse_gradients
 from rayjobs.options import FlatCommand, command
+from rayjobs.train_gibbs import fit_gibbs_fm
 from rayjobs.tune import Splits, TunableKind, architectures, build_trial_model, load_splits, parameter_count
 
 EXTRAS_HINT = "pip install 'rankstream[baselines]'  (myfm, scikit-surprise)"
@@ -163,12 +164,10 @@ def rankstream_model(splits: Splits, arch: dict[str, Any], config: TrainConfig) 
 
 
 def gibbs_fm_model(splits: Splits, config: GibbsConfig) -> PeerResult:
-    """rankstream's Bayesian FM (Gibbs sampling), scored as the FM it exports."""
-    started = time.perf_counter()
-    model = to_fm(splits.schema, gibbs_fm(splits.schema, splits.train, config), config.export_dim)
-    valid, test = (evaluate(model, minibatches(batch, 8192)) for batch in (splits.valid, splits.test))
-    settings = {**config.model_dump(exclude={"seed"}), "exported_dim": model.dim}
-    return row("Bayesian FM (Gibbs), served as an FM", "rankstream", settings, valid, test, time.perf_counter() - started)
+    """rankstream's Bayesian FM (Gibbs sampling), scored as the FM it exports (as train-gibbs)."""
+    _, metrics = fit_gibbs_fm(splits, config)
+    settings = {**config.model_dump(exclude={"seed"}), "exported_dim": metrics["dim"]}
+    return row("Bayesian FM (Gibbs), served as an FM", "rankstream", settings, metrics["valid"], metrics["test"], metrics["seconds"])
 
 
 def model_name(arch: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
@@ -19,9 +20,10 @@ from tqdm import tqdm
 from model_zoo.bayes_fm import GibbsConfig, gibbs_fm, to_fm
 from model_zoo.bundle import save_bundle
 from model_zoo.data.layout import VOCAB_DIR
+from model_zoo.models.fm import FM
 from model_zoo.training import evaluate, minibatches
 from rayjobs.options import FlatCommand, command
-from rayjobs.tune import load_splits
+from rayjobs.tune import Splits, load_splits
 
 
 class GibbsTrainJob(BaseModel):
@@ -38,16 +40,21 @@ class GibbsTrainJob(BaseModel):
 FLAGS = FlatCommand("TrainGibbs", GibbsTrainJob, sections={"gibbs": GibbsConfig})
 
 
-def train_gibbs(job: GibbsTrainJob) -> Path:
+def fit_gibbs_fm(splits: Splits, config: GibbsConfig, progress: bool = False) -> tuple[FM, dict[str, Any]]:
+    """The exported FM and its metrics: valid and test, samples kept, dim, seconds."""
     started = time.perf_counter()
-    splits = load_splits(job.data)
-    config = job.gibbs
-    with tqdm(total=config.iterations, desc="gibbs sweeps", disable=not job.progress) as bar:
+    with tqdm(total=config.iterations, desc="gibbs sweeps", disable=not progress) as bar:
         posterior = gibbs_fm(splits.schema, splits.train, config, progress=lambda _: bar.update())
     model = to_fm(splits.schema, posterior, config.export_dim)
     metrics = {
         split: evaluate(model, minibatches(getattr(splits, split), 8192)) for split in ("valid", "test")
     } | {"samples": int(posterior.samples.shape[0]), "dim": model.dim, "seconds": time.perf_counter() - started}
+    return model, metrics
+
+
+def train_gibbs(job: GibbsTrainJob) -> Path:
+    config = job.gibbs
+    model, metrics = fit_gibbs_fm(load_splits(job.data), config, job.progress)
     vocabulary = job.data / VOCAB_DIR
     return save_bundle(
         job.out, model, vocabulary_dir=vocabulary if vocabulary.is_dir() else None, metrics=metrics,
