@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from model_zoo.batch import FeatureBatch
 from model_zoo.metrics import primary_metric, task_metrics
-from model_zoo.models.base import RankingModel
+from model_zoo.models.base import CTRModel, RankingModel
 from model_zoo.models.pruned_fwfm import PrunedFwFM
 from model_zoo.optim import FusedSparseAdagrad
 from model_zoo.sharded import ShardedExchange
@@ -36,7 +36,10 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     epochs: int = Field(default=50, ge=1, description="most epochs; early stopping usually ends training first")
-    batch_size: int = Field(default=1024, ge=1)
+    # Smaller batches, more steps: at 1024 the DPLR (U and e at a tenth of the rate) stays
+    # 0.8% behind the FwFM (MovieLens sample, test RMSE 0.9697 against 0.9620), at 256
+    # 0.2% (0.9629 against 0.9608).
+    batch_size: int = Field(default=256, ge=1)
     optimizer: OptimizerName = "adagrad"
     learning_rate: float = Field(default=0.05, gt=0)
     # Without L2 the pairwise terms overfit within 2-3 epochs (MovieLens sample, FM k=8:
@@ -44,6 +47,10 @@ class TrainConfig(BaseModel):
     # vectors of click data collapse to zero (planted FwFM: AUC 0.795 at 0.03, 0.754 =
     # the linear model at 0.1). The default is the safe middle; tune/table1 sweep it.
     l2: float = Field(default=0.03, ge=0, description="L2 coefficient on looked-up embedding rows")
+    interaction_lr_scale: float | None = Field(
+        default=None, gt=0,
+        description="learning rate of the interaction parameters (R, U and e, W) as a fraction of learning_rate (unset: each model's own)",
+    )
     patience: int = Field(default=4, ge=1, description="stop after this many epochs without validation improvement")
     eval_batch_size: int = Field(default=65536, ge=1)
     seed: int = 0
@@ -54,30 +61,45 @@ def uses_sparse_gradients(optimizer: OptimizerName) -> bool:
     return optimizer in ("adagrad", "rowwise_adagrad", "sparse_adam", "sgd")
 
 
+def parameter_groups(parameters: list[nn.Parameter], model: nn.Module, config: TrainConfig) -> list[dict]:
+    """``parameters`` as optimizer groups: each interaction module's parameters at its
+    learning-rate scale × the learning rate, the rest at the learning rate."""
+    scale_of: dict[int, float] = {}
+    for module in model.modules():
+        if isinstance(module, CTRModel):
+            scale = config.interaction_lr_scale or module.interaction_lr_scale
+            scale_of.update((id(p), scale) for p in module.interaction_parameters())
+    scales = sorted({scale_of.get(id(p), 1.0) for p in parameters}, reverse=True)
+    return [
+        {"params": [p for p in parameters if scale_of.get(id(p), 1.0) == scale], "lr": config.learning_rate * scale}
+        for scale in scales
+    ]
+
+
 def build_optimizers(model: nn.Module, config: TrainConfig) -> list[torch.optim.Optimizer]:
     parameters = [p for p in model.parameters() if p.requires_grad]
-    lr = config.learning_rate
+    groups = parameter_groups(parameters, model, config)
     if config.optimizer == "adagrad":
         # Same update; the fused one is ~2× faster on CPU tables but runs on the CPU only.
         if all(p.device.type == "cpu" for p in parameters):
-            return [FusedSparseAdagrad(parameters, lr=lr)]
-        return [torch.optim.Adagrad(parameters, lr=lr)]
+            return [FusedSparseAdagrad(groups)]
+        return [torch.optim.Adagrad(groups)]
     if config.optimizer == "rowwise_adagrad":
         # One accumulator per table row (FBGEMM's row-wise Adagrad); its kernel is CPU-only.
         if any(p.device.type != "cpu" for p in parameters):
             raise ValueError("rowwise_adagrad runs on CPU parameters only")
-        return [FusedSparseAdagrad(parameters, lr=lr, rowwise=True)]
+        return [FusedSparseAdagrad(groups, rowwise=True)]
     if config.optimizer == "sgd":
-        return [torch.optim.SGD(parameters, lr=lr)]
+        return [torch.optim.SGD(groups)]
     if config.optimizer == "adam":
-        return [torch.optim.Adam(parameters, lr=lr)]
+        return [torch.optim.Adam(groups)]
     # SparseAdam takes only sparse-gradient tables; the rest (bias, R, U, e) use Adam.
     tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding) and m.sparse]
     table_ids = {id(t) for t in tables}
     dense = [p for p in parameters if id(p) not in table_ids]
-    optimizers: list[torch.optim.Optimizer] = [torch.optim.SparseAdam(tables, lr=lr)]
+    optimizers: list[torch.optim.Optimizer] = [torch.optim.SparseAdam(tables, lr=config.learning_rate)]
     if dense:
-        optimizers.append(torch.optim.Adam(dense, lr=lr))
+        optimizers.append(torch.optim.Adam(parameter_groups(dense, model, config)))
     return optimizers
 
 

@@ -51,7 +51,7 @@ class Table1Job(SweepSettings):
     name: str | None = Field(default=None, description="dataset name in the table (default: stats.json's dataset, else the directory)")
     dims: list[int] = Field(default=[8, 16], min_length=1)
     ranks: list[int] = Field(default=[1, 2, 3, 4, 5], min_length=1)
-    lr_grid: list[float] = Field(default=[0.02, 0.05, 0.1], min_length=1, description="learning rates tried per model")
+    lr_grid: list[float] = Field(default=[0.05, 0.1, 0.15], min_length=1, description="learning rates tried per model")
     l2_grid: list[float] = Field(default=[0.01, 0.03, 0.3], min_length=1, description="L2 strengths tried per model")
 
 

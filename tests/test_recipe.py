@@ -21,10 +21,10 @@ def linear_auc(planted_clicks):
     return linear_model(splits, features)["test"]["auc"]
 
 
-# The default recipe with the learning rate table1's grid picks: at 0.05 the FwFM, its R
-# under L2, still gains 0.003 validation AUC over epochs 40-50 (test AUC 0.795 at the cap);
-# at 0.1 it converges (best epoch 29 of 33, test 0.801).
-@pytest.mark.parametrize("kind, options, learning_rate", [("fwfm", {}, 0.1), ("dplr_fwfm", {"rank": 2}, 0.05)])
+# The default recipe with the learning rate table1's grid picks. The FwFM at 0.1 still
+# gains over epochs 40-55 (best epoch 55, test AUC 0.809); at 0.15 it converges (best
+# epoch 23 of 28, 0.812), at 0.2 it overshoots (0.756). The DPLR at 0.1: best 19 of 24, 0.784.
+@pytest.mark.parametrize("kind, options, learning_rate", [("fwfm", {}, 0.15), ("dplr_fwfm", {"rank": 2}, 0.1)])
 def test_default_recipe_learns_the_planted_interactions(planted_clicks, linear_auc, kind, options, learning_rate):
     splits, oracle = planted_clicks
     config = TrainConfig(learning_rate=learning_rate)
@@ -51,8 +51,7 @@ def test_l2_reaches_the_interaction_parameters(planted_clicks, kind, options, pa
     rows = model.embedding(batch).row_sq_norm
     torch.testing.assert_close(model.training_outputs(batch).row_sq_norm, rows + 5 * INTERACTION_L2_SHARE * interaction)
     pruned = PrunedFwFM.from_fwfm(model, 1) if kind == "fwfm" else None
-    if pruned is not None:  # the pruned model penalises only the entries it keeps
-        kept = float((pruned.interaction_weights * pruned.kept).square().sum())
-        torch.testing.assert_close(pruned.train().training_outputs(batch).row_sq_norm, rows + 5 * INTERACTION_L2_SHARE * kept)
+    if pruned is not None:  # all of R, the pruned entries too (they reach no output)
+        torch.testing.assert_close(pruned.train().training_outputs(batch).row_sq_norm, rows + 5 * INTERACTION_L2_SHARE * interaction)
     model.eval()
     assert float(model.training_outputs(batch).row_sq_norm) == 0.0

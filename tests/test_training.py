@@ -12,7 +12,7 @@ from model_zoo.models.pruned_fwfm import PrunedFwFM
 from model_zoo.registry import build_model
 from model_zoo.schema import Task
 from model_zoo.synthetic import PlantedConfig, planted_model
-from model_zoo.training import TrainConfig, evaluate, fit_in_memory, minibatches, uses_sparse_gradients
+from model_zoo.training import TrainConfig, build_optimizers, evaluate, fit_in_memory, minibatches, uses_sparse_gradients
 
 
 def planted_splits(config: PlantedConfig, train_rows: int, valid_rows: int = 10_000):
@@ -50,7 +50,8 @@ def test_dplr_reaches_the_oracle_and_its_init_beats_the_reference_one():
         PlantedConfig(structure="dplr", rank=1, vocab_size=30, seed=6), 100_000
     )
     oracle = binary_metrics(valid.label.numpy(), valid_logits)["auc"]
-    config = TrainConfig(epochs=5, batch_size=512, learning_rate=0.05, patience=5)
+    # U and e at the embeddings' rate: the inits compared, not the default slower U, e.
+    config = TrainConfig(epochs=5, batch_size=512, learning_rate=0.05, interaction_lr_scale=1.0, patience=5)
     aucs = {}
     for factor_init in ("fm", "reference"):
         torch.manual_seed(0)
@@ -94,3 +95,29 @@ def test_early_stopping_restores_the_best_epoch():
     assert result.best_epoch == int(np.argmax(history))
     assert len(history) == result.best_epoch + 2  # stopped one epoch (the patience) after the best
     assert evaluate(model, minibatches(valid, 4096))["auc"] == pytest.approx(result.best_valid["auc"], abs=1e-9)
+
+
+@pytest.mark.parametrize("optimizer", ["adagrad", "rowwise_adagrad", "sgd", "adam", "sparse_adam"])
+def test_interaction_parameters_step_at_their_models_rate(optimizer):
+    """DPLR's U and e (of every embedding set) learn at a tenth of the rate, the FwFM's R
+    and the embeddings at the rate itself; the config's scale overrides every model's."""
+    planted = planted_model(PlantedConfig(structure="dplr", rank=1, vocab_size=10, seed=1))
+    sparse = uses_sparse_gradients(optimizer)
+
+    def rates(kind, **options):
+        model = build_model(planted.schema, kind, 4, sparse=sparse, **options)
+        names = {id(p): name for name, p in model.named_parameters()}
+        config = TrainConfig(optimizer=optimizer, learning_rate=0.2)
+        groups = [group for built in build_optimizers(model, config) for group in built.param_groups]
+        return {names[id(p)]: group["lr"] for group in groups for p in group["params"]}
+
+    dplr = rates("dplr_fwfm", rank=2)
+    assert dplr["factor_matrix"] == dplr["eigen"] == pytest.approx(0.02)
+    assert dplr["embedding.vectors.weight"] == dplr["bias"] == 0.2
+    assert rates("fwfm")["interaction_weights"] == 0.2
+    sets = rates("me_dplr_fwfm", rank=1, sets=2)
+    assert [sets[f"embedding_sets.{i}.eigen"] for i in (0, 1)] == pytest.approx([0.02, 0.02])
+    model = build_model(planted.schema, "dplr_fwfm", 4, sparse=sparse, rank=1)
+    overridden = TrainConfig(optimizer=optimizer, learning_rate=0.2, interaction_lr_scale=0.5)
+    groups = [group for optimizer in build_optimizers(model, overridden) for group in optimizer.param_groups]
+    assert sorted(group["lr"] for group in groups if any(p is model.eigen for p in group["params"])) == [0.1]

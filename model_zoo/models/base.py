@@ -130,6 +130,10 @@ INTERACTION_L2_SHARE = 0.01
 class CTRModel(RankingModel):
     """A single-embedding model: embeddings + linear weights + bias + a pairwise term."""
 
+    # The interaction parameters' learning rate as a fraction of the embeddings' (the
+    # training config may override it).
+    interaction_lr_scale = 1.0
+
     def __init__(self, schema: FeatureSchema, dim: int, sparse: bool = False, init_std: float = 0.1):
         super().__init__(schema)
         self.dim = dim
@@ -151,7 +155,8 @@ class CTRModel(RankingModel):
         return TrainingOutputs(self.forward_embedded(batch, embedded), row_sq_norm)
 
     def interaction_parameters(self) -> list[Tensor]:
-        """The dense parameters of the pairwise term (R, U and e, W) that L2 penalises."""
+        """The dense parameters of the pairwise term (R, U and e, W): L2 penalises them,
+        and they learn at ``interaction_lr_scale`` × the learning rate."""
         return []
 
     def forward_embedded(self, batch: FeatureBatch, embedded: Embedded) -> Tensor:

@@ -42,7 +42,9 @@ class FwFM(CTRModel):
         return self.interaction_weights
 
     def interaction_parameters(self) -> list[Tensor]:
-        return [self.effective_weights()]
+        # All of R's entries, pruned ones too: those never reach an output, so their
+        # penalty changes no score.
+        return [self.interaction_weights]
 
     def interaction_matrix(self) -> Tensor:
         m = self.schema.num_fields
